@@ -1,0 +1,102 @@
+"""ResNet-18/34 of BasicBlocks with a CIFAR stem, optional per-task BatchNorm and Task-IL heads.
+
+`nf` is the base width: 20 gives the reduced ResNet-18 of GPM and BMKP (1,090,140 conv
+weights), 64 the standard one. The stem is a 3x3 conv without max-pool; features are average
+pooled to 2x2 before the classifier (for 32x32 inputs this is the reference's 2x2 pooling of
+the 4x4 map), so 32x32 and 64x64 inputs use the same head size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEPTHS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+
+
+class TaskBatchNorm2d(nn.Module):
+    """One BatchNorm2d per task (or a single shared one), selected by the task id."""
+
+    def __init__(self, channels: int, n_sets: int, running_stats: bool) -> None:
+        super().__init__()
+        self.sets = nn.ModuleList(
+            nn.BatchNorm2d(channels, track_running_stats=running_stats) for _ in range(n_sets))
+
+    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        return self.sets[task if len(self.sets) > 1 else 0](x)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int, n_bn: int,
+                 running_stats: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = TaskBatchNorm2d(planes, n_bn, running_stats)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = TaskBatchNorm2d(planes, n_bn, running_stats)
+        self.shortcut_conv = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut_conv = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+            self.shortcut_bn = TaskBatchNorm2d(planes, n_bn, running_stats)
+
+    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x), task))
+        out = self.bn2(self.conv2(out), task)
+        shortcut = x if self.shortcut_conv is None else self.shortcut_bn(self.shortcut_conv(x), task)
+        return F.relu(out + shortcut)
+
+
+class ResNet(nn.Module):
+    """Forward takes (x, task_id) and returns the logits of that task's classes only.
+
+    `task_id` is an int (the whole batch belongs to one task) or a tensor of per-sample task
+    ids (mixed batches, e.g. replay); per-task BatchNorm needs the int form.
+    """
+
+    def __init__(self, depth: str, nf: int, n_tasks: int, classes_per_task: int,
+                 per_task_bn: bool = False, bn_running_stats: bool = True,
+                 in_channels: int = 3) -> None:
+        super().__init__()
+        self.n_tasks = n_tasks
+        self.classes_per_task = classes_per_task
+        self.per_task_bn = per_task_bn
+        n_bn = n_tasks if per_task_bn else 1
+        self.conv1 = nn.Conv2d(in_channels, nf, 3, 1, 1, bias=False)
+        self.bn1 = TaskBatchNorm2d(nf, n_bn, bn_running_stats)
+        blocks = []
+        in_planes = nf
+        for stage, n_blocks in enumerate(DEPTHS[depth]):
+            planes = nf * 2 ** stage
+            for i in range(n_blocks):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(BasicBlock(in_planes, planes, stride, n_bn, bn_running_stats))
+                in_planes = planes
+        self.blocks = nn.ModuleList(blocks)
+        self.feature_dim = in_planes * 4
+        self.classifier = nn.Linear(self.feature_dim, n_tasks * classes_per_task)
+
+    def features(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
+        if isinstance(task, torch.Tensor):
+            if self.per_task_bn:
+                raise ValueError("per-task BatchNorm needs every sample of a batch in one task")
+            bn_task = 0
+        else:
+            bn_task = task
+        out = F.relu(self.bn1(self.conv1(x), bn_task))
+        for block in self.blocks:
+            out = block(out, bn_task)
+        return F.adaptive_avg_pool2d(out, 2).flatten(1)
+
+    def task_logits(self, features: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
+        """Slice the shared linear layer to each sample's own task (a multi-head classifier)."""
+        k = self.classes_per_task
+        if isinstance(task, torch.Tensor):
+            all_logits = self.classifier(features).view(len(features), self.n_tasks, k)
+            return all_logits[torch.arange(len(features), device=features.device), task]
+        weight = self.classifier.weight[task * k:(task + 1) * k]
+        bias = self.classifier.bias[task * k:(task + 1) * k]
+        return F.linear(features, weight, bias)
+
+    def forward(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
+        return self.task_logits(self.features(x, task), task)
+

@@ -1,0 +1,18 @@
+"""Seq-CIFAR-10: 5 tasks of 2 classes, 32x32."""
+import argparse
+
+from torchvision.datasets import CIFAR10
+
+from datasets.continual_dataset import RawSplits, SequentialDataset
+from datasets.sources import load_cifar
+
+
+class SequentialCIFAR10(SequentialDataset):
+    NAME = "seq-cifar10"
+    N_TASKS = 5
+    N_CLASSES_PER_TASK = 2
+    IMAGE_SIZE = 32
+
+    def load(self, args: argparse.Namespace) -> RawSplits:
+        return load_cifar(args.data_path, self.NAME, CIFAR10, "cifar-10-batches-py",
+                          "cifar10-jpeg", self.n_classes)

@@ -1,0 +1,18 @@
+"""Seq-CIFAR-100: 10 tasks of 10 classes (fine labels), 32x32."""
+import argparse
+
+from torchvision.datasets import CIFAR100
+
+from datasets.continual_dataset import RawSplits, SequentialDataset
+from datasets.sources import load_cifar
+
+
+class SequentialCIFAR100(SequentialDataset):
+    NAME = "seq-cifar100"
+    N_TASKS = 10
+    N_CLASSES_PER_TASK = 10
+    IMAGE_SIZE = 32
+
+    def load(self, args: argparse.Namespace) -> RawSplits:
+        return load_cifar(args.data_path, self.NAME, CIFAR100, "cifar-100-python",
+                          "cifar100-jpeg", self.n_classes)

@@ -1,0 +1,42 @@
+"""Seq-Tiny-ImageNet: 10 tasks of 20 classes, 64x64; the official val split is the test set."""
+import argparse
+from pathlib import Path
+
+from torchvision.datasets.utils import download_and_extract_archive
+
+from datasets.continual_dataset import RawSplits, SequentialDataset
+from datasets.sources import download_failure, load_tiny_imagenet
+
+FOLDER = "tiny-imagenet-200"
+
+
+class SequentialTinyImageNet(SequentialDataset):
+    NAME = "seq-tinyimg"
+    N_TASKS = 10
+    N_CLASSES_PER_TASK = 20
+    IMAGE_SIZE = 64
+    URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+    def load(self, args: argparse.Namespace) -> RawSplits:
+        data_path: Path = args.data_path
+        root = self._locate(data_path)
+        if root is None:
+            try:
+                download_and_extract_archive(self.URL, download_root=str(data_path))
+            except (OSError, RuntimeError, ValueError) as exc:
+                layouts = (f"{FOLDER}/ or the folder itself holding wnids.txt, "
+                           "train/<wnid>/images/*.JPEG, val/images and val/val_annotations.txt")
+                raise download_failure(self.NAME, data_path, str(exc) or type(exc).__name__,
+                                       layouts) from None
+            root = self._locate(data_path)
+            if root is None:
+                raise download_failure(self.NAME, data_path, f"the archive held no {FOLDER}/",
+                                       f"{FOLDER}/wnids.txt")
+        return load_tiny_imagenet(root, root / ".cache")
+
+    @staticmethod
+    def _locate(data_path: Path) -> Path | None:
+        for root in (data_path, data_path / FOLDER):
+            if (root / "wnids.txt").is_file():
+                return root
+        return None

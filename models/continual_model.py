@@ -1,0 +1,102 @@
+"""The contract every continual-learning method follows.
+
+The loop calls, for each task: begin_task, fit_task, end_task; then evaluates with
+predict(x, task). Most methods only write `observe` (one optimisation step on a batch);
+a method that owns its whole per-task procedure (e.g. BMKP) overrides fit_task.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from datasets.continual_dataset import SequentialDataset, TaskData
+from utils.training import TrainingContext
+
+BYTES_PER_MB = 2 ** 20
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def network_bytes(module: nn.Module) -> int:
+    """Parameters plus floating-point buffers (e.g. BatchNorm running statistics)."""
+    buffers = (b for b in module.buffers() if b.is_floating_point())
+    return tensor_bytes(module.parameters()) + tensor_bytes(buffers)
+
+
+class ContinualModel(nn.Module):
+    NAME: ClassVar[str] = ""
+    # Overrides of the common option defaults (e.g. the backbone width) for this method.
+    DEFAULTS: ClassVar[dict] = {}
+    # Per-dataset hyperparameters loaded by --model_config best, with their source.
+    BEST_CONFIGS: ClassVar[dict[str, dict]] = {}
+
+    @staticmethod
+    def add_arguments(parser: argparse._ActionsContainer) -> None:
+        """Method-specific command-line options (none by default)."""
+
+    def __init__(self, net: nn.Module, dataset: SequentialDataset,
+                 args: argparse.Namespace) -> None:
+        super().__init__()
+        self.net = net
+        self.args = args
+        self.n_tasks = dataset.N_TASKS
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    def forward(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
+        return self.net(x, task)
+
+    def predict(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        return self(x, task).argmax(1)
+
+    def reset_optimizer(self, params=None) -> None:
+        """Fresh SGD (and step schedule) over `params`, all network parameters by default."""
+        params = list(self.net.parameters() if params is None else params)
+        self.optimizer = torch.optim.SGD(params, lr=self.args.lr, momentum=self.args.optim_mom,
+                                         weight_decay=self.args.optim_wd)
+        self.scheduler = None
+        if self.args.lr_step:
+            self.scheduler = torch.optim.lr_scheduler.StepLR(
+                self.optimizer, step_size=self.args.lr_step, gamma=self.args.lr_gamma)
+
+    def begin_task(self, task: int, data: TaskData) -> None:
+        self.reset_optimizer()
+
+    def fit_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
+        with ctx.phase("train"):
+            self.train_epochs(data, ctx, self.args.n_epochs, self.observe, task)
+
+    def end_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
+        """Called after fit_task, before evaluation."""
+
+    def train_epochs(self, data: TaskData, ctx: TrainingContext, n_epochs: int,
+                     step: Callable[..., torch.Tensor], task: int | None,
+                     label: str = "epoch") -> None:
+        """Run `step(x, y, task)` over shuffled, augmented batches for n_epochs.
+
+        `task` is the int id when all of `data` is one task; None passes each sample's id.
+        """
+        self.train()
+        for epoch in range(n_epochs):
+            for x, y, t in ctx.batches(data, f"{label} {epoch + 1}/{n_epochs}"):
+                step(x, y, t if task is None else task)
+            if self.scheduler is not None:
+                self.scheduler.step()
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
+        """One SGD step on the task loss; returns the loss (a tensor: no host sync)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.net(x, task), y)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes the method needs at test time and between tasks, by component."""
+        return {"network": network_bytes(self.net)}

@@ -1,0 +1,36 @@
+"""Joint: the upper bound. After each task it retrains, from the initial weights, on the union
+of every task seen so far, so its last row of the accuracy matrix is true joint training."""
+import argparse
+import copy
+
+from datasets.continual_dataset import SequentialDataset, TaskData
+from models.continual_model import ContinualModel, tensor_bytes
+from utils.errors import UserError
+from utils.training import TrainingContext
+
+
+class Joint(ContinualModel):
+    NAME = "joint"
+    DEFAULTS = {"per_task_bn": 0}
+
+    def __init__(self, net, dataset: SequentialDataset, args: argparse.Namespace) -> None:
+        if args.per_task_bn:
+            raise UserError("joint trains on batches mixing tasks, so it cannot use per-task "
+                            "BatchNorm; drop --per_task_bn 1")
+        super().__init__(net, dataset, args)
+        self.initial_state = copy.deepcopy(net.state_dict())
+        self.seen: list[TaskData] = []
+
+    def begin_task(self, task: int, data: TaskData) -> None:
+        self.seen.append(data)
+        self.net.load_state_dict(self.initial_state)
+        self.reset_optimizer()
+
+    def fit_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
+        union = TaskData.concat(self.seen)
+        with ctx.phase("train"):
+            self.train_epochs(union, ctx, self.args.n_epochs, self.observe, task=None)
+
+    def memory_breakdown(self) -> dict[str, int]:
+        stored = tensor_bytes(t for d in self.seen for t in (d.x, d.y, d.t))
+        return {**super().memory_breakdown(), "stored_data": stored}

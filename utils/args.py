@@ -1,0 +1,125 @@
+"""Command-line options: the common ones, plus those of the chosen model and dataset.
+
+Precedence, lowest first: common defaults, the model's DEFAULTS, its --model_config best
+values for the dataset, then whatever was typed on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from backbone import BACKBONES
+from datasets import dataset_classes
+from models import model_classes
+from utils.errors import UserError
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one line naming the fix, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see --help)")
+
+
+def _number(kind: type, low: float, low_inclusive: bool, high: float | None = None):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        too_low = value < low if low_inclusive else value <= low
+        if too_low or (high is not None and value > high):
+            bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and <= {high}" if high else "")
+            raise argparse.ArgumentTypeError(f"{text} is out of range, it must be {bound}")
+        return value
+    return parse
+
+
+positive_int = _number(int, 1, True)
+non_negative_int = _number(int, 0, True)
+positive_float = _number(float, 0, False)
+non_negative_float = _number(float, 0, True)
+percentage = _number(float, 0, False, 100)
+switch = _number(int, 0, True, 1)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    models, datasets = model_classes(), dataset_classes()
+    exp = parser.add_argument_group("experiment")
+    exp.add_argument("--model", required=True, choices=list(models), metavar="MODEL",
+                     help=f"continual-learning method: {', '.join(models)}")
+    exp.add_argument("--dataset", required=True, choices=list(datasets), metavar="DATASET",
+                     help=f"sequential benchmark: {', '.join(datasets)}")
+    exp.add_argument("--model_config", choices=["default", "best"], default="default",
+                     help="'best' loads the model's per-dataset hyperparameters; "
+                          "options typed on the command line still win")
+    exp.add_argument("--data_path", type=Path, default=Path("data"),
+                     help="dataset folder: downloaded into when empty (default ./data)")
+    exp.add_argument("--seed", type=non_negative_int, default=0)
+    exp.add_argument("--class_order_seed", type=non_negative_int, default=None,
+                     help="permute the class-to-task assignment with this seed "
+                          "(default: label order)")
+    exp.add_argument("--validation", type=percentage, default=None, metavar="P",
+                     help="hold out P%% of each task's training data and evaluate on it "
+                          "instead of the test set")
+    exp.add_argument("--results_dir", type=Path, default=Path("result"))
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--n_epochs", type=positive_int, default=50)
+    train.add_argument("--batch_size", type=positive_int, default=128)
+    train.add_argument("--eval_batch_size", type=positive_int, default=256,
+                       help="test batch size (matters only for BatchNorm with batch statistics)")
+    train.add_argument("--lr", type=positive_float, default=0.05)
+    train.add_argument("--optim_mom", type=non_negative_float, default=0.0, help="SGD momentum")
+    train.add_argument("--optim_wd", type=non_negative_float, default=0.0, help="weight decay")
+    train.add_argument("--lr_step", type=non_negative_int, default=0,
+                       help="multiply the lr by --lr_gamma every N epochs (0: constant lr)")
+    train.add_argument("--lr_gamma", type=positive_float, default=0.1)
+
+    net = parser.add_argument_group("backbone")
+    net.add_argument("--backbone", choices=BACKBONES, default="resnet18")
+    net.add_argument("--nf", type=positive_int, default=64,
+                     help="base width: 20 = reduced ResNet-18 (GPM, BMKP), 64 = standard")
+    net.add_argument("--per_task_bn", type=switch, default=0,
+                     help="1: one BatchNorm set per task, selected by the task id")
+    net.add_argument("--bn_running_stats", type=switch, default=1,
+                     help="0: BatchNorm always normalises with the batch's statistics")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    run.add_argument("--num_threads", type=positive_int, default=None,
+                     help="CPU threads for torch (default: torch's choice, one per core)")
+    run.add_argument("--debug_mode", type=switch, default=0,
+                     help="1: a handful of batches per epoch and per evaluation (smoke runs)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else argv
+    models, datasets = model_classes(), dataset_classes()
+    pre = argparse.ArgumentParser(add_help=False)
+    for name in ("--model", "--dataset", "--model_config"):
+        pre.add_argument(name)
+    known, _ = pre.parse_known_args(argv)
+
+    parser = OneLineErrorParser(
+        prog="utils/main.py", description="Run one task-incremental learning experiment.",
+        epilog=f"models: {', '.join(models)}. datasets: {', '.join(datasets)}. "
+               "Add --model NAME (and --dataset NAME) to --help to see their own options.")
+    add_common_arguments(parser)
+    model_cls, dataset_cls = models.get(known.model), datasets.get(known.dataset)
+    if dataset_cls is not None:
+        dataset_cls.add_arguments(parser.add_argument_group(f"{dataset_cls.NAME} options"))
+    if model_cls is not None:
+        model_cls.add_arguments(parser.add_argument_group(f"{model_cls.NAME} options"))
+        parser.set_defaults(**model_cls.DEFAULTS)
+        if known.model_config == "best" and dataset_cls is not None:
+            if dataset_cls.NAME not in model_cls.BEST_CONFIGS:
+                raise UserError(f"model {model_cls.NAME} has no best configuration for "
+                                f"{dataset_cls.NAME} (it has: "
+                                f"{', '.join(model_cls.BEST_CONFIGS) or 'none'}); "
+                                "drop --model_config best and set the options yourself")
+            parser.set_defaults(**model_cls.BEST_CONFIGS[dataset_cls.NAME])
+    return parser.parse_args(argv)
