@@ -1,0 +1,127 @@
+"""Thresholded growth of a layer's output-space basis, shared by BMKP and GPM.
+
+The left singular vectors of a layer's output matrix Z (C x N*H*W) and its squared singular
+values are the eigenvectors and eigenvalues of the small C x C Gram matrix Z Z^T, so every
+function here works on that Gram matrix (in float64) and never takes an SVD of Z itself.
+That also lets the Gram matrix be summed over batches instead of storing the activations.
+"""
+import torch
+
+
+def activation_gram(z: torch.Tensor) -> torch.Tensor:
+    """Return the float64 C x C Gram matrix Z Z^T of a layer output of shape (N, C, ...).
+
+    Z is z with the channel axis as rows and every (sample, position) pair as a column; the
+    contraction runs over the batch and spatial axes directly, so Z is never materialised.
+    """
+    if z.dim() < 2:
+        raise ValueError(f"expected a layer output of shape (N, C, ...), got {tuple(z.shape)}")
+    flat = z.detach().to(torch.float64).reshape(z.shape[0], z.shape[1], -1)
+    return torch.einsum("ncl,ndl->cd", flat, flat)
+
+
+class GramAccumulator:
+    """Sum of activation Gram matrices over batches, so a projection pass stores no outputs."""
+
+    def __init__(self) -> None:
+        self._gram: torch.Tensor | None = None
+
+    def add(self, z: torch.Tensor) -> None:
+        """Add the Gram matrix of one batch of layer outputs (shape (N, C, ...))."""
+        gram = activation_gram(z)
+        if self._gram is None:
+            self._gram = gram
+        elif self._gram.shape != gram.shape:
+            raise ValueError(f"batch has {gram.shape[0]} channels, earlier batches had "
+                             f"{self._gram.shape[0]}")
+        else:
+            self._gram += gram
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """The accumulated C x C float64 Gram matrix."""
+        if self._gram is None:
+            raise RuntimeError("no batch was added to the GramAccumulator")
+        return self._gram
+
+
+def _descending_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (clamped at 0: a Gram matrix is PSD) and eigenvectors, largest first."""
+    values, vectors = torch.linalg.eigh(gram)
+    return values.flip(0).clamp_min(0.0), vectors.flip(1)
+
+
+def update_basis(gram: torch.Tensor, basis: torch.Tensor | None,
+                 threshold: float) -> torch.Tensor:
+    """Grow an orthonormal output-space basis until it retains `threshold` of the energy.
+
+    gram is the C x C Gram matrix Z Z^T of the current task's layer outputs; basis is the
+    C x r basis so far (None or C x 0 before the first task). Returns a C x r' float64 basis
+    whose first r columns are the old ones unchanged; new columns are only ever appended, so
+    coefficients stored against the old columns stay valid.
+
+    - No basis yet: keep the leading eigenvectors whose cumulative energy ratio is strictly
+      below the threshold (the reference implementation's count, without +1; a first
+      eigenvalue that alone reaches the threshold therefore keeps nothing).
+    - Otherwise: take the eigenvectors of the Gram matrix restricted to the orthogonal
+      complement of the basis (exactly orthogonal to it by construction) and append them,
+      largest first, while the retained energy ratio is still below the threshold.
+    - threshold >= 1 is lossless: the basis is completed to all C columns (B B^T = I).
+    - All-zero activations (zero energy) leave the basis unchanged.
+    """
+    if not threshold > 0:
+        raise ValueError(f"threshold must be > 0 (>= 1 means lossless), got {threshold}")
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"gram must be a square matrix, got shape {tuple(gram.shape)}")
+    channels = gram.shape[0]
+    gram = gram.to(torch.float64)
+    gram = (gram + gram.T) / 2
+    if basis is None:
+        basis = gram.new_zeros(channels, 0)
+    basis = basis.to(device=gram.device, dtype=torch.float64)
+    if basis.dim() != 2 or basis.shape[0] != channels or basis.shape[1] > channels:
+        raise ValueError(f"basis of shape {tuple(basis.shape)} does not fit a "
+                         f"{channels} x {channels} Gram matrix")
+    old = basis.shape[1]
+    if old == channels:
+        return basis
+
+    total = gram.trace()
+    if threshold < 1 and total <= 0:
+        return basis
+
+    if old == 0:
+        values, vectors = _descending_eigh(gram)
+        if threshold >= 1:
+            return vectors
+        ratios = values.cumsum(0) / values.sum()
+        keep = int((ratios < threshold).sum())
+        return vectors[:, :keep]
+
+    # Columns old.. of a complete QR of the basis span exactly its orthogonal complement.
+    complement = torch.linalg.qr(basis, mode="complete").Q[:, old:]
+    residual_gram = complement.T @ gram @ complement
+    values, vectors = _descending_eigh(residual_gram)
+    if threshold >= 1:
+        keep = values.shape[0]
+    else:
+        retained = (total - residual_gram.trace()) / total
+        # Retained ratio before appending each vector; appending goes on while it is below.
+        before = retained + torch.cat([values.new_zeros(1), values.cumsum(0)[:-1]]) / total
+        keep = int((before < threshold).sum())
+    return torch.cat([basis, complement @ vectors[:, :keep]], dim=1)
+
+
+def retained_energy(gram: torch.Tensor, basis: torch.Tensor | None) -> float:
+    """Share trace(B^T G B) / trace(G) of the activation energy that the basis captures.
+
+    An empty basis retains 0; zero energy counts as fully retained (1.0), nothing is lost.
+    """
+    gram = gram.to(torch.float64)
+    total = float(gram.trace())
+    if total <= 0:
+        return 1.0
+    if basis is None or basis.shape[1] == 0:
+        return 0.0
+    basis = basis.to(device=gram.device, dtype=torch.float64)
+    return float((basis.T @ gram @ basis).trace()) / total
