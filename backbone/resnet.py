@@ -22,8 +22,11 @@ class TaskBatchNorm2d(nn.Module):
         self.sets = nn.ModuleList(
             nn.BatchNorm2d(channels, track_running_stats=running_stats) for _ in range(n_sets))
 
+    def set_index(self, task: int) -> int:
+        return task if len(self.sets) > 1 else 0
+
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        return self.sets[task if len(self.sets) > 1 else 0](x)
+        return self.sets[self.set_index(task)](x)
 
 
 class BasicBlock(nn.Module):
@@ -73,7 +76,8 @@ class ResNet(nn.Module):
                 in_planes = planes
         self.blocks = nn.ModuleList(blocks)
         self.feature_dim = in_planes * 4
-        self.classifier = nn.Linear(self.feature_dim, n_tasks * classes_per_task)
+        self.heads = nn.ModuleList(nn.Linear(self.feature_dim, classes_per_task)
+                                   for _ in range(n_tasks))
 
     def features(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
         if isinstance(task, torch.Tensor):
@@ -88,14 +92,11 @@ class ResNet(nn.Module):
         return F.adaptive_avg_pool2d(out, 2).flatten(1)
 
     def task_logits(self, features: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
-        """Slice the shared linear layer to each sample's own task (a multi-head classifier)."""
-        k = self.classes_per_task
+        """Each sample's logits from its own task's head (a multi-head classifier)."""
         if isinstance(task, torch.Tensor):
-            all_logits = self.classifier(features).view(len(features), self.n_tasks, k)
+            all_logits = torch.stack([head(features) for head in self.heads], dim=1)
             return all_logits[torch.arange(len(features), device=features.device), task]
-        weight = self.classifier.weight[task * k:(task + 1) * k]
-        bias = self.classifier.bias[task * k:(task + 1) * k]
-        return F.linear(features, weight, bias)
+        return self.heads[task](features)
 
     def forward(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
         return self.task_logits(self.features(x, task), task)

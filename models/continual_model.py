@@ -40,6 +40,10 @@ class ContinualModel(nn.Module):
     def add_arguments(parser: argparse._ActionsContainer) -> None:
         """Method-specific command-line options (none by default)."""
 
+    @classmethod
+    def configure(cls, args: argparse.Namespace, dataset: type[SequentialDataset]) -> None:
+        """Settle options that depend on the dataset, before the backbone is built."""
+
     def __init__(self, net: nn.Module, dataset: SequentialDataset,
                  args: argparse.Namespace) -> None:
         super().__init__()

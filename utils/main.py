@@ -48,8 +48,10 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
     device = resolve_device(args.device)
     seed_everything(args.seed)
     dataset = dataset_classes()[args.dataset](args)
+    model_cls = model_classes()[args.model]
+    model_cls.configure(args, type(dataset))
     net = build_backbone(args, dataset.N_TASKS, dataset.N_CLASSES_PER_TASK, dataset.CHANNELS)
-    model = model_classes()[args.model](net, dataset, args).to(device)
+    model = model_cls(net, dataset, args).to(device)
     show_progress = not args.quiet and sys.stderr.isatty()
     ctx = TrainingContext(device, args.batch_size, args.eval_batch_size,
                           debug=bool(args.debug_mode), show_progress=show_progress)

@@ -1,0 +1,224 @@
+"""BMKP (Sun et al., CVPR 2023): a bilevel memory with knowledge projection.
+
+Per task: (1) the working-memory ResNet learns the task, with the representation compaction
+regularizer from the second task on; (2) knowledge projection grows each conv layer's
+output-space basis from a few hundred of the task's images (Gram matrix + symmetric
+eigendecomposition, see utils/subspace.py) and projects the weights, A_t = B^T W_t;
+(3) retraining ("recall", Eq. 8) trains A_t with B frozen; (4) A_t is stored in the long-term
+memory, which predicts every task from then on.
+
+Two modes (`--compat`):
+- `paper` (default): the method as the paper describes it. Every task trains all of its own
+  parameters (conv weights, its BatchNorm set and its head); retraining trains
+  A_t together with the task's BatchNorm set and head; BatchNorm tracks running
+  statistics, so a test prediction does not depend on the rest of its test batch.
+- `official`: what the reference implementation's code does, which produced the paper's
+  numbers. From the second task on only the 4-D conv weights are trained (later tasks' BN
+  sets and heads keep their initial values), so retraining of later tasks has no
+  trainable tensor in its forward and changes nothing; on CIFAR, BatchNorm normalises with the
+  test batch's statistics (test batches of 128 from one task).
+`--reg` picks the regularizer independently: `official` (the code's trace/sum form, default)
+or `paper` (Eq. 4's trace / L1 form); see models/bmkp/regularizer.py.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from backbone.resnet import TaskBatchNorm2d
+from datasets.continual_dataset import SequentialDataset, TaskData
+from models.bmkp.long_term_memory import LongTermMemory
+from models.bmkp.regularizer import VARIANTS, compaction_loss
+from models.continual_model import ContinualModel, network_bytes
+from utils.args import non_negative_float, non_negative_int, positive_int
+from utils.errors import UserError
+from utils.subspace import GramAccumulator, update_basis
+from utils.training import TrainingContext
+
+# Datasets on which the reference normalises with test-batch statistics (no running stats).
+OFFICIAL_BATCH_STAT_DATASETS = ("seq-cifar10", "seq-cifar100")
+OFFICIAL_EVAL_BATCH = 128
+
+
+def threshold(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is out of range, it must be in (0, 1]")
+    return value
+
+
+class BMKP(ContinualModel):
+    NAME = "bmkp"
+    DEFAULTS = {"nf": 20, "per_task_bn": 1, "lr_step": 45}
+    # The paper's runs (reference doc, "Hyperparameters of the paper's runs").
+    BEST_CONFIGS = {
+        "seq-cifar10": dict(n_epochs=50, retrain_epochs=50, lr=0.05, batch_size=128, lambd=10.0,
+                            threshold_first=0.96, threshold=0.96, projection_samples=500),
+        "seq-cifar100": dict(n_epochs=100, retrain_epochs=100, lr=0.05, batch_size=128, lambd=1.0,
+                             threshold_first=0.95, threshold=0.96, projection_samples=500),
+        "seq-tinyimg": dict(n_epochs=100, retrain_epochs=100, lr=0.03, batch_size=64, lambd=10.0,
+                            threshold_first=0.97, threshold=0.957, projection_samples=500),
+    }
+
+    @staticmethod
+    def add_arguments(parser: argparse._ActionsContainer) -> None:
+        parser.add_argument("--lambd", type=non_negative_float, default=10.0,
+                            help="weight of the representation compaction regularizer")
+        parser.add_argument("--reg", choices=VARIANTS, default="official",
+                            help="regularizer form: the reference code's or the paper's Eq. 4")
+        parser.add_argument("--threshold_first", type=threshold, default=0.96,
+                            help="energy kept by the first task's bases (1.0: lossless)")
+        parser.add_argument("--threshold", type=threshold, default=0.96,
+                            help="energy the bases must keep for later tasks")
+        parser.add_argument("--projection_samples", type=positive_int, default=500,
+                            help="training images whose activations build the bases")
+        parser.add_argument("--retrain_epochs", type=non_negative_int, default=None,
+                            help="epochs of retraining A_t (default: --n_epochs; 0 disables it)")
+        parser.add_argument("--compat", choices=("paper", "official"), default="paper",
+                            help="official: reproduce the reference code where it departs "
+                                 "from the paper (see the model's docstring)")
+        parser.add_argument("--no_basis_update", action="store_true",
+                            help="keep the first task's bases for every task (Table 2 ablation)")
+
+    @classmethod
+    def configure(cls, args: argparse.Namespace, dataset: type[SequentialDataset]) -> None:
+        if args.retrain_epochs is None:
+            args.retrain_epochs = args.n_epochs
+        if args.compat == "official" and dataset.NAME in OFFICIAL_BATCH_STAT_DATASETS:
+            args.bn_running_stats = 0
+            args.eval_batch_size = OFFICIAL_EVAL_BATCH
+
+    def __init__(self, net: nn.Module, dataset: SequentialDataset,
+                 args: argparse.Namespace) -> None:
+        super().__init__(net, dataset, args)
+        self.projected = {f"{name}.weight": module for name, module in net.named_modules()
+                          if isinstance(module, nn.Conv2d)}
+        if not self.projected:
+            raise UserError("bmkp needs a backbone with conv layers to project")
+        self.memory = LongTermMemory({n: m.weight.shape for n, m in self.projected.items()})
+
+    # ---- inference -------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        """Stored tasks are predicted from the long-term memory, others by the working memory."""
+        if task < self.memory.n_tasks:
+            return functional_call(self.net, self.memory.compose(task), (x, task))
+        return self.net(x, task)
+
+    # ---- one task ----------------------------------------------------------------------
+    def fit_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
+        with ctx.phase("train"):
+            self.reset_optimizer(self._learning_parameters(task))
+            self.train_epochs(data, ctx, self.args.n_epochs, self._learning_step, task)
+        with ctx.phase("projection"):
+            if task == 0 or not self.args.no_basis_update:
+                self._update_bases(task, data, ctx)
+            coefficients = self.memory.project(
+                {name: m.weight for name, m in self.projected.items()})
+        with ctx.phase("retrain"):
+            coefficients = self._retrain(task, data, ctx, coefficients)
+        self.memory.store_task(task, coefficients, self._task_extras(task))
+
+    def _learning_parameters(self, task: int) -> list[nn.Parameter]:
+        if task > 0 and self.args.compat == "official":
+            return [p for p in self.net.parameters() if p.dim() == 4]
+        return list(self.net.parameters())
+
+    def _learning_step(self, x: torch.Tensor, y: torch.Tensor, task: int) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.net(x, task), y)
+        if task > 0 and self.args.lambd > 0:
+            loss = loss + self.args.lambd * self.compaction()
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def compaction(self) -> torch.Tensor:
+        """The regularizer summed over every projected layer, against the current bases."""
+        return sum(compaction_loss(m.weight, self.memory.basis(name), self.args.reg)
+                   for name, m in self.projected.items())
+
+    def _update_bases(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
+        """Grow every layer's basis from its outputs on `projection_samples` training images
+        (the first batches of a shuffled, augmented pass, as in the reference)."""
+        grams = {name: GramAccumulator() for name in self.projected}
+        hooks = [m.register_forward_hook(lambda _m, _i, out, acc=grams[name]: acc.add(out))
+                 for name, m in self.projected.items()]
+        was_training = self.net.training
+        self.net.eval()
+        remaining = self.args.projection_samples
+        try:
+            with torch.no_grad():
+                for x, _, _ in ctx.batches(data, "projection"):
+                    self.net(x[:remaining], task)
+                    remaining -= len(x)
+                    if remaining <= 0:
+                        break
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.net.train(was_training)
+        level = self.args.threshold_first if task == 0 else self.args.threshold
+        self.memory.set_bases({name: update_basis(acc.gram, self.memory.basis(name), level)
+                               for name, acc in grams.items()})
+
+    def _retrain(self, task: int, data: TaskData, ctx: TrainingContext,
+                 coefficients: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Eq. 8: W = B A_t with B frozen; A_t (and the task's head and BN) learn the task."""
+        if self.args.retrain_epochs == 0:
+            return coefficients
+        if task > 0 and self.args.compat == "official":
+            self._official_later_retraining(task, data, ctx, coefficients)
+            return coefficients
+        trainable = {n: nn.Parameter(a.clone()) for n, a in coefficients.items()}
+        bases = {n: self.memory.basis(n)[:, :a.shape[0]] for n, a in coefficients.items()}
+        self.reset_optimizer([*trainable.values(), *self._task_head_and_bn(task)])
+
+        def step(x: torch.Tensor, y: torch.Tensor, task_id: int) -> torch.Tensor:
+            self.optimizer.zero_grad(set_to_none=True)
+            weights = {n: (bases[n] @ a).view(self.projected[n].weight.shape)
+                       for n, a in trainable.items()}
+            loss = F.cross_entropy(functional_call(self.net, weights, (x, task_id)), y)
+            loss.backward()
+            self.optimizer.step()
+            return loss.detach()
+
+        self.train_epochs(data, ctx, self.args.retrain_epochs, step, task, label="retrain")
+        return {n: a.detach() for n, a in trainable.items()}
+
+    def _official_later_retraining(self, task: int, data: TaskData, ctx: TrainingContext,
+                                   coefficients: dict[str, torch.Tensor]) -> None:
+        """The reference's retraining of a later task: its optimizer holds only the working
+        memory's conv weights, which the recomposed forward does not use, so no parameter
+        moves. Its forward passes still refresh BatchNorm running statistics when they are
+        tracked; without them nothing at all happens and the pass is skipped."""
+        if not self.args.bn_running_stats:
+            return
+        weights = {n: (self.memory.basis(n)[:, :a.shape[0]] @ a).view(self.projected[n].weight.shape)
+                   for n, a in coefficients.items()}
+        with torch.no_grad():
+            for epoch in range(self.args.retrain_epochs):
+                for x, _, _ in ctx.batches(data, f"retrain {epoch + 1}/{self.args.retrain_epochs}"):
+                    functional_call(self.net, weights, (x, task))
+
+    def _task_modules(self, task: int) -> dict[str, nn.Module]:
+        """The working memory's per-task state for `task`: its BN set and its head, by name."""
+        modules = {f"{name}.sets.{m.set_index(task)}": m.sets[m.set_index(task)]
+                   for name, m in self.net.named_modules() if isinstance(m, TaskBatchNorm2d)}
+        modules[f"heads.{task}"] = self.net.heads[task]
+        return modules
+
+    def _task_head_and_bn(self, task: int) -> list[nn.Parameter]:
+        return [p for m in self._task_modules(task).values() for p in m.parameters()]
+
+    def _task_extras(self, task: int) -> dict[str, torch.Tensor]:
+        """The task's BN set and head (floating-point state only), under their names."""
+        return {f"{name}.{key}": value for name, module in self._task_modules(task).items()
+                for key, value in module.state_dict().items() if value.is_floating_point()}
+
+    def memory_breakdown(self) -> dict[str, int]:
+        ltm = {f"ltm_{k}": v for k, v in self.memory.size_in_bytes().items()}
+        return {"network": network_bytes(self.net), **ltm}
