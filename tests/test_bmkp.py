@@ -1,0 +1,216 @@
+"""BMKP on the synthetic benchmark: projection, long-term memory, modes and forgetting."""
+import copy
+
+import pytest
+import torch
+
+from backbone import build_backbone
+from datasets.seq_synthetic import SequentialSynthetic
+from models.bmkp import BMKP
+from models.bmkp.long_term_memory import LongTermMemory
+from utils.args import parse_args
+from utils.main import main, seed_everything
+from utils.training import TrainingContext
+
+# Conv layers of ResNet-18 with nf=2 written out by hand: (out channels, in*kh*kw).
+NF2_CONVS = ([(2, 27)] + [(2, 18)] * 4
+             + [(4, 18)] + [(4, 36)] * 3 + [(4, 2)]
+             + [(8, 36)] + [(8, 72)] * 3 + [(8, 4)]
+             + [(16, 72)] + [(16, 144)] * 3 + [(16, 8)])
+NF2_BN_CHANNELS = 2 + 4 * 2 + 5 * 4 + 5 * 8 + 5 * 16
+
+
+def build(tmp_path, *options: str, seed: int = 0):
+    args = parse_args(["--model", "bmkp", "--dataset", "seq-synthetic", "--nf", "4",
+                       "--n_epochs", "2", "--batch_size", "32", "--lr", "0.03", "--quiet",
+                       "--projection_samples", "96", "--results_dir", str(tmp_path), *options])
+    seed_everything(seed)
+    dataset = SequentialSynthetic(args)
+    BMKP.configure(args, SequentialSynthetic)
+    net = build_backbone(args, dataset.N_TASKS, dataset.N_CLASSES_PER_TASK)
+    model = BMKP(net, dataset, args)
+    ctx = TrainingContext(torch.device("cpu"), args.batch_size, args.eval_batch_size,
+                          show_progress=False)
+    return model, dataset, ctx
+
+
+def learn(model, dataset, ctx, task):
+    ctx.phase_times.append({})
+    data = dataset.train_data(task)
+    model.begin_task(task, data)
+    model.fit_task(task, data, ctx)
+    model.end_task(task, data, ctx)
+
+
+def sample_images(dataset, task, n=64):
+    return dataset.test_data(task).x[:n].float() / 255
+
+
+def logits(model, x, task):
+    model.eval()
+    with torch.no_grad():
+        return model(x, task)
+
+
+def test_lossless_projection_recomposes_the_working_memory(tmp_path):
+    model, dataset, ctx = build(tmp_path, "--threshold_first", "1.0", "--threshold", "1.0",
+                                "--retrain_epochs", "0")
+    for task in range(2):
+        learn(model, dataset, ctx, task)
+        composed = model.memory.compose(task)
+        for name, conv in model.projected.items():
+            assert model.memory.basis(name).shape[1] == conv.weight.shape[0]
+            torch.testing.assert_close(composed[name], conv.weight, atol=1e-5, rtol=1e-5)
+        x = sample_images(dataset, task)
+        from_memory = logits(model, x, task)
+        from_working = model.net(x, task)
+        torch.testing.assert_close(from_memory, from_working, atol=1e-4, rtol=1e-4)
+        assert torch.equal(from_memory.argmax(1), from_working.argmax(1))
+
+
+def test_stored_task_is_bit_stable_while_later_tasks_are_learned(tmp_path):
+    model, dataset, ctx = build(tmp_path)
+    learn(model, dataset, ctx, 0)
+    x = sample_images(dataset, 0)
+    before = logits(model, x, 0)
+    stored = {n: a.clone() for n, a in model.memory.coefficients[0].items()}
+    old_columns = {n: b.clone() for n, b in model.memory.bases.items()}
+    for task in (1, 2):
+        learn(model, dataset, ctx, task)
+    assert torch.equal(logits(model, x, 0), before)
+    for name, a in stored.items():
+        assert torch.equal(model.memory.coefficients[0][name], a)
+        width = old_columns[name].shape[1]
+        assert torch.equal(model.memory.bases[name][:, :width], old_columns[name])
+
+
+def test_bases_grow_orthonormal_and_never_exceed_outputs(tmp_path):
+    model, dataset, ctx = build(tmp_path)
+    widths = []
+    for task in range(3):
+        learn(model, dataset, ctx, task)
+        widths.append({n: b.shape[1] for n, b in model.memory.bases.items()})
+    for name, conv in model.projected.items():
+        basis = model.memory.bases[name].double()
+        assert basis.shape[1] <= conv.weight.shape[0]
+        torch.testing.assert_close(basis.T @ basis, torch.eye(basis.shape[1], dtype=torch.double),
+                                   atol=1e-5, rtol=0)
+        assert widths[0][name] <= widths[1][name] <= widths[2][name]
+
+
+def test_no_basis_update_keeps_the_first_bases(tmp_path):
+    model, dataset, ctx = build(tmp_path, "--no_basis_update")
+    learn(model, dataset, ctx, 0)
+    first = {n: b.clone() for n, b in model.memory.bases.items()}
+    learn(model, dataset, ctx, 1)
+    for name, basis in model.memory.bases.items():
+        assert torch.equal(basis, first[name])
+
+
+def test_memory_accounting_matches_a_count_by_hand(tmp_path):
+    model, dataset, ctx = build(tmp_path, "--nf", "2", "--threshold_first", "1.0",
+                                "--threshold", "1.0", "--retrain_epochs", "0")
+    for task in range(2):
+        learn(model, dataset, ctx, task)
+    shapes = [tuple(m.weight.flatten(1).shape) for m in model.projected.values()]
+    assert sorted(shapes) == sorted(NF2_CONVS)
+    conv_floats = sum(o * i for o, i in NF2_CONVS)
+    head_floats = 2 * (16 * 4) + 2
+    bn_set_floats = 4 * NF2_BN_CHANNELS  # weight, bias, running mean, running var
+    floats = model.memory.size_in_floats()
+    assert floats == {"bases": sum(o * o for o, _ in NF2_CONVS),
+                      "coefficients": 2 * conv_floats,
+                      "per_task_extras": 2 * (bn_set_floats + head_floats)}
+    network_floats = conv_floats + 5 * bn_set_floats + 5 * head_floats
+    breakdown = model.memory_breakdown()
+    assert breakdown["network"] == 4 * network_floats
+    assert breakdown["ltm_bases"] == 4 * floats["bases"]
+    assert breakdown["ltm_coefficients"] == 4 * floats["coefficients"]
+
+
+def test_saved_memory_alone_reproduces_every_task(tmp_path):
+    model, dataset, ctx = build(tmp_path)
+    for task in range(3):
+        learn(model, dataset, ctx, task)
+    path = tmp_path / "memory.pt"
+    torch.save(model.memory.state_dict(), path)
+
+    other, _, _ = build(tmp_path, seed=123)
+    other.memory = LongTermMemory({})
+    other.memory.load_state_dict(torch.load(path, weights_only=True))
+    for task in range(3):
+        x = sample_images(dataset, task)
+        assert torch.equal(logits(other, x, task), logits(model, x, task))
+
+
+def test_official_mode_trains_only_conv_weights_after_the_first_task(tmp_path):
+    model, dataset, ctx = build(tmp_path, "--compat", "official")
+    initial = copy.deepcopy(dict(model.net.named_parameters()))
+    learn(model, dataset, ctx, 0)
+    learn(model, dataset, ctx, 1)
+    state = dict(model.net.named_parameters())
+    later_task_state = [k for k in state if k.startswith("heads.1.") or ".sets.1." in k]
+    assert later_task_state
+    for key in later_task_state:
+        assert torch.equal(state[key], initial[key]), key
+    projection = model.memory.project({n: m.weight for n, m in model.projected.items()})
+    for name, a in model.memory.coefficients[1].items():
+        assert torch.equal(a, projection[name])
+
+
+def test_paper_mode_retraining_moves_the_coefficients(tmp_path):
+    model, dataset, ctx = build(tmp_path)
+    learn(model, dataset, ctx, 0)
+    learn(model, dataset, ctx, 1)
+    projection = model.memory.project({n: m.weight for n, m in model.projected.items()})
+    moved = [not torch.equal(a, projection[n]) for n, a in model.memory.coefficients[1].items()]
+    assert all(moved)
+
+
+def test_official_compat_uses_batch_statistics_on_cifar():
+    args = parse_args(["--model", "bmkp", "--dataset", "seq-cifar10", "--compat", "official"])
+    BMKP.configure(args, type("Cifar", (), {"NAME": "seq-cifar10"}))
+    assert args.bn_running_stats == 0 and args.eval_batch_size == 128
+    paper = parse_args(["--model", "bmkp", "--dataset", "seq-cifar10"])
+    BMKP.configure(paper, type("Cifar", (), {"NAME": "seq-cifar10"}))
+    assert paper.bn_running_stats == 1 and paper.retrain_epochs == paper.n_epochs
+
+
+def test_resnet34_layers_are_found_by_hooks(tmp_path):
+    model, dataset, ctx = build(tmp_path, "--backbone", "resnet34", "--n_epochs", "1",
+                                "--retrain_epochs", "1")
+    assert len(model.projected) == 1 + 2 * 16 + 3
+    learn(model, dataset, ctx, 0)
+    assert set(model.memory.bases) == set(model.projected)
+
+
+def test_best_config_is_the_papers(tmp_path):
+    args = parse_args(["--model", "bmkp", "--dataset", "seq-tinyimg", "--model_config", "best",
+                       "--lr", "0.01"])
+    assert (args.n_epochs, args.retrain_epochs, args.batch_size) == (100, 100, 64)
+    assert (args.lambd, args.threshold_first, args.threshold) == (10.0, 0.97, 0.957)
+    assert args.lr == 0.01  # typed on the command line: wins over the config
+
+
+@pytest.mark.parametrize("option", [["--threshold", "1.5"], ["--lambd", "-1"],
+                                    ["--reg", "l2"], ["--projection_samples", "0"]])
+def test_bad_hyperparameters_give_one_line_errors(option, capsys):
+    assert main(["--model", "bmkp", "--dataset", "seq-synthetic", *option]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and option[0] in err[0]
+
+
+def test_bmkp_forgets_far_less_than_sgd(tmp_path):
+    import json
+    results = {}
+    for model in ("sgd", "bmkp"):
+        assert main(["--model", model, "--dataset", "seq-synthetic", "--nf", "8",
+                     "--n_epochs", "8", "--batch_size", "32", "--lr", "0.03", "--quiet",
+                     "--results_dir", str(tmp_path / model)]) == 0
+        path = next((tmp_path / model).rglob("*.json"))
+        results[model] = json.loads(path.read_text())
+    assert results["bmkp"]["bwt"] == 0.0  # stored tasks are predicted from frozen memory
+    assert results["sgd"]["bwt"] < -10
+    assert results["bmkp"]["final_acc"] > results["sgd"]["final_acc"] + 10
+    assert set(results["bmkp"]["phase_times"][0]) == {"train", "projection", "retrain", "eval"}
+    assert results["bmkp"]["memory"]["breakdown_bytes"]["ltm_coefficients"] > 0
