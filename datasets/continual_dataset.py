@@ -49,12 +49,14 @@ class RawSplits:
 
 
 def iterate_batches(data: TaskData, batch_size: int, *, shuffle: bool, augment: bool,
-                    max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+                    max_batches: int | None = None,
+                    channels_last: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yield (float images in [0, 1], labels, task ids) batches straight from the tensors.
 
     Indices and augmentation stay on the data's device; the only per-batch work is one
-    gather, one batched crop/flip and one dtype conversion.
+    gather, one batched crop/flip and one dtype conversion (into NHWC with channels_last).
     """
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     n = len(data)
     order = torch.randperm(n, device=data.x.device) if shuffle else None
     n_batches = (n + batch_size - 1) // batch_size
@@ -69,7 +71,7 @@ def iterate_batches(data: TaskData, batch_size: int, *, shuffle: bool, augment: 
             x, y, t = data.x[idx], data.y[idx], data.t[idx]
         if augment:
             x = random_crop_flip(x, padding=4)
-        yield x.float().div_(255), y, t
+        yield x.to(torch.float32, memory_format=layout).div_(255), y, t
 
 
 class SequentialDataset:

@@ -80,8 +80,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
     net = parser.add_argument_group("backbone")
     net.add_argument("--backbone", choices=BACKBONES, default="resnet18")
-    net.add_argument("--nf", type=positive_int, default=64,
-                     help="base width: 20 = reduced ResNet-18 (GPM, BMKP), 64 = standard")
+    net.add_argument("--nf", type=positive_int, default=20,
+                     help="base width: 20 = reduced ResNet-18 (GPM, BMKP; the default for "
+                          "every method), 64 = the standard ResNet-18 of mammoth's baselines")
     net.add_argument("--per_task_bn", type=switch, default=0,
                      help="1: one BatchNorm set per task, selected by the task id")
     net.add_argument("--bn_running_stats", type=switch, default=1,
@@ -91,6 +92,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     run.add_argument("--num_threads", type=positive_int, default=None,
                      help="CPU threads for torch (default: torch's choice, one per core)")
+    run.add_argument("--channels_last", type=switch, default=1,
+                     help="1: NHWC memory format for images and conv weights (faster here)")
     run.add_argument("--debug_mode", type=switch, default=0,
                      help="1: a handful of batches per epoch and per evaluation (smoke runs)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")

@@ -51,10 +51,13 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
     model_cls = model_classes()[args.model]
     model_cls.configure(args, type(dataset))
     net = build_backbone(args, dataset.N_TASKS, dataset.N_CLASSES_PER_TASK, dataset.CHANNELS)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    net = net.to(device, memory_format=layout)
     model = model_cls(net, dataset, args).to(device)
     show_progress = not args.quiet and sys.stderr.isatty()
     ctx = TrainingContext(device, args.batch_size, args.eval_batch_size,
-                          debug=bool(args.debug_mode), show_progress=show_progress)
+                          debug=bool(args.debug_mode), show_progress=show_progress,
+                          channels_last=bool(args.channels_last))
     started = datetime.now(timezone.utc).isoformat()
     metrics = run_tasks(model, dataset, ctx, log=log)
     breakdown = model.memory_breakdown()

@@ -28,6 +28,7 @@ class TrainingContext:
     eval_batch_size: int
     debug: bool = False
     show_progress: bool = True
+    channels_last: bool = False
     phase_times: list[dict[str, float]] = field(default_factory=list)
     task_label: str = ""
 
@@ -54,7 +55,7 @@ class TrainingContext:
         if self.max_batches is not None:
             total = min(total, self.max_batches)
         stream = iterate_batches(data, size, shuffle=shuffle, augment=augment,
-                                 max_batches=self.max_batches)
+                                 max_batches=self.max_batches, channels_last=self.channels_last)
         return iter(tqdm(stream, total=total, desc=f"{self.task_label} {desc}".strip(),
                          leave=False, disable=not self.show_progress, file=sys.stderr))
 
@@ -75,7 +76,8 @@ def evaluate(model: ContinualModel, dataset: SequentialDataset, last_task: int,
             correct = torch.zeros((), dtype=torch.long, device=ctx.device)
             seen = 0
             for x, y, _ in iterate_batches(data, ctx.eval_batch_size, shuffle=False,
-                                           augment=False, max_batches=ctx.max_batches):
+                                           augment=False, max_batches=ctx.max_batches,
+                                           channels_last=ctx.channels_last):
                 correct += (model.predict(x, task) == y).sum()
                 seen += len(y)
             accuracies.append(100.0 * correct.item() / seen)

@@ -15,10 +15,13 @@ FLOAT_BYTES = 4
 
 
 class LongTermMemory(nn.Module):
-    def __init__(self, layer_shapes: dict[str, torch.Size]) -> None:
-        """`layer_shapes` maps each projected weight's name in the working memory to its shape."""
+    def __init__(self, layer_shapes: dict[str, torch.Size],
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        """`layer_shapes` maps each projected weight's name in the working memory to its shape;
+        composed weights come in `memory_format` (that of the working memory's convs)."""
         super().__init__()
         self.layer_shapes = {name: torch.Size(shape) for name, shape in layer_shapes.items()}
+        self.memory_format = memory_format
         self.bases: dict[str, torch.Tensor] = {}
         self.coefficients: list[dict[str, torch.Tensor]] = []
         self.extras: list[dict[str, torch.Tensor]] = []
@@ -63,13 +66,17 @@ class LongTermMemory(nn.Module):
         """Task `task`'s working-memory tensors: W = B[:, :r] A for every projected layer, plus
         its extras. The result is cached until the memory changes (evaluation reuses it)."""
         if self._cached_task != task:
-            weights = {}
-            for name, shape in self.layer_shapes.items():
-                a = self.coefficients[task][name]
-                weights[name] = (self.bases[name][:, :a.shape[0]] @ a).view(shape)
+            weights = self.weights_from(self.coefficients[task])
             weights.update(self.extras[task])
             self._cached_task, self._cached_weights = task, weights
         return self._cached_weights
+
+    def weights_from(self, coefficients: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """W^l = B^l[:, :r] A^l for each layer, r being the number of rows of A^l (the basis
+        columns that existed when A^l was made); differentiable in A."""
+        return {name: (self.bases[name][:, :a.shape[0]] @ a).view(self.layer_shapes[name])
+                .contiguous(memory_format=self.memory_format)
+                for name, a in coefficients.items()}
 
     def size_in_floats(self) -> dict[str, int]:
         return {"bases": sum(b.numel() for b in self.bases.values()),

@@ -53,7 +53,7 @@ def threshold(text: str) -> float:
 
 class BMKP(ContinualModel):
     NAME = "bmkp"
-    DEFAULTS = {"nf": 20, "per_task_bn": 1, "lr_step": 45}
+    DEFAULTS = {"per_task_bn": 1, "lr_step": 45}
     # The paper's runs (reference doc, "Hyperparameters of the paper's runs").
     BEST_CONFIGS = {
         "seq-cifar10": dict(n_epochs=50, retrain_epochs=50, lr=0.05, batch_size=128, lambd=10.0,
@@ -99,7 +99,10 @@ class BMKP(ContinualModel):
                           if isinstance(module, nn.Conv2d)}
         if not self.projected:
             raise UserError("bmkp needs a backbone with conv layers to project")
-        self.memory = LongTermMemory({n: m.weight.shape for n, m in self.projected.items()})
+        first = next(iter(self.projected.values())).weight
+        layout = (torch.contiguous_format if first.is_contiguous() else torch.channels_last)
+        self.memory = LongTermMemory({n: m.weight.shape for n, m in self.projected.items()},
+                                     layout)
 
     # ---- inference -------------------------------------------------------------------
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
@@ -174,13 +177,11 @@ class BMKP(ContinualModel):
             self._official_later_retraining(task, data, ctx, coefficients)
             return coefficients
         trainable = {n: nn.Parameter(a.clone()) for n, a in coefficients.items()}
-        bases = {n: self.memory.basis(n)[:, :a.shape[0]] for n, a in coefficients.items()}
         self.reset_optimizer([*trainable.values(), *self._task_head_and_bn(task)])
 
         def step(x: torch.Tensor, y: torch.Tensor, task_id: int) -> torch.Tensor:
             self.optimizer.zero_grad(set_to_none=True)
-            weights = {n: (bases[n] @ a).view(self.projected[n].weight.shape)
-                       for n, a in trainable.items()}
+            weights = self.memory.weights_from(trainable)
             loss = F.cross_entropy(functional_call(self.net, weights, (x, task_id)), y)
             loss.backward()
             self.optimizer.step()
@@ -197,8 +198,7 @@ class BMKP(ContinualModel):
         tracked; without them nothing at all happens and the pass is skipped."""
         if not self.args.bn_running_stats:
             return
-        weights = {n: (self.memory.basis(n)[:, :a.shape[0]] @ a).view(self.projected[n].weight.shape)
-                   for n, a in coefficients.items()}
+        weights = self.memory.weights_from(coefficients)
         with torch.no_grad():
             for epoch in range(self.args.retrain_epochs):
                 for x, _, _ in ctx.batches(data, f"retrain {epoch + 1}/{self.args.retrain_epochs}"):
