@@ -89,7 +89,8 @@ class ContinualModel(nn.Module):
         self.train()
         for epoch in range(n_epochs):
             for x, y, t in ctx.batches(data, f"{label} {epoch + 1}/{n_epochs}"):
-                step(x, y, t if task is None else task)
+                with ctx.autocast():
+                    step(x, y, t if task is None else task)
             if self.scheduler is not None:
                 self.scheduler.step()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 from typing import NoReturn
 
@@ -14,6 +15,20 @@ from backbone import BACKBONES
 from datasets import dataset_classes
 from models import model_classes
 from utils.errors import UserError
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that it never wraps a line inside a hyphenated name
+    (seq-cifar10 used to come out as 'seq-' and 'cifar10' on two lines)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.wrap(text, width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -94,6 +109,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                      help="CPU threads for torch (default: torch's choice, one per core)")
     run.add_argument("--channels_last", type=switch, default=1,
                      help="1: NHWC memory format for images and conv weights (faster here)")
+    run.add_argument("--amp", type=switch, default=0,
+                     help="1: bfloat16 autocast for training and evaluation")
     run.add_argument("--debug_mode", type=switch, default=0,
                      help="1: a handful of batches per epoch and per evaluation (smoke runs)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
@@ -109,6 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     parser = OneLineErrorParser(
         prog="utils/main.py", description="Run one task-incremental learning experiment.",
+        formatter_class=HelpFormatter,
         epilog=f"models: {', '.join(models)}. datasets: {', '.join(datasets)}. "
                "Add --model NAME (and --dataset NAME) to --help to see their own options.")
     add_common_arguments(parser)

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
     show_progress = not args.quiet and sys.stderr.isatty()
     ctx = TrainingContext(device, args.batch_size, args.eval_batch_size,
                           debug=bool(args.debug_mode), show_progress=show_progress,
-                          channels_last=bool(args.channels_last))
+                          channels_last=bool(args.channels_last), amp=bool(args.amp))
     started = datetime.now(timezone.utc).isoformat()
     metrics = run_tasks(model, dataset, ctx, log=log)
     breakdown = model.memory_breakdown()

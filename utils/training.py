@@ -29,6 +29,7 @@ class TrainingContext:
     debug: bool = False
     show_progress: bool = True
     channels_last: bool = False
+    amp: bool = False
     phase_times: list[dict[str, float]] = field(default_factory=list)
     task_label: str = ""
 
@@ -47,6 +48,10 @@ class TrainingContext:
             self._synchronize()
             times = self.phase_times[-1]
             times[name] = times.get(name, 0.0) + time.perf_counter() - start
+
+    def autocast(self) -> torch.autocast:
+        """bfloat16 autocast for forward passes when --amp is on (a no-op otherwise)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def batches(self, data: TaskData, desc: str, batch_size: int | None = None,
                 shuffle: bool = True, augment: bool = True) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -78,7 +83,8 @@ def evaluate(model: ContinualModel, dataset: SequentialDataset, last_task: int,
             for x, y, _ in iterate_batches(data, ctx.eval_batch_size, shuffle=False,
                                            augment=False, max_batches=ctx.max_batches,
                                            channels_last=ctx.channels_last):
-                correct += (model.predict(x, task) == y).sum()
+                with ctx.autocast():
+                    correct += (model.predict(x, task) == y).sum()
                 seen += len(y)
             accuracies.append(100.0 * correct.item() / seen)
     model.train(was_training)

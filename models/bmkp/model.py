@@ -112,25 +112,33 @@ class BMKP(ContinualModel):
         return self.net(x, task)
 
     # ---- one task ----------------------------------------------------------------------
+    def begin_task(self, task: int, data: TaskData) -> None:
+        self.reset_optimizer(self._learning_parameters(task))
+
     def fit_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         with ctx.phase("train"):
-            self.reset_optimizer(self._learning_parameters(task))
-            self.train_epochs(data, ctx, self.args.n_epochs, self._learning_step, task)
+            self.train_epochs(data, ctx, self.args.n_epochs, self.observe, task)
         with ctx.phase("projection"):
-            if task == 0 or not self.args.no_basis_update:
-                self._update_bases(task, data, ctx)
-            coefficients = self.memory.project(
-                {name: m.weight for name, m in self.projected.items()})
+            coefficients = self.project_task(task, data, ctx)
         with ctx.phase("retrain"):
             coefficients = self._retrain(task, data, ctx, coefficients)
         self.memory.store_task(task, coefficients, self._task_extras(task))
+
+    def project_task(self, task: int, data: TaskData,
+                     ctx: TrainingContext) -> dict[str, torch.Tensor]:
+        """Knowledge projection: grow the bases from the task's activations, then
+        A_t = B^T W_t for every projected layer."""
+        if task == 0 or not self.args.no_basis_update:
+            self._update_bases(task, data, ctx)
+        return self.memory.project({name: m.weight for name, m in self.projected.items()})
 
     def _learning_parameters(self, task: int) -> list[nn.Parameter]:
         if task > 0 and self.args.compat == "official":
             return [p for p in self.net.parameters() if p.dim() == 4]
         return list(self.net.parameters())
 
-    def _learning_step(self, x: torch.Tensor, y: torch.Tensor, task: int) -> torch.Tensor:
+    def observe(self, x: torch.Tensor, y: torch.Tensor, task: int) -> torch.Tensor:
+        """One learning step of the working memory: task loss plus lambda * compaction."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.net(x, task), y)
         if task > 0 and self.args.lambd > 0:

@@ -1,0 +1,180 @@
+"""Training-path speed against the bare compute bound, evaluation speed, BMKP's projection.
+
+    python utils/benchmark.py [--model bmkp] [--dataset seq-cifar10 --data_path DIR]
+                              [--batch_size 128] [--num_threads 2] [--steps 10] [--out FILE]
+
+Without --data_path it uses random uint8 images of the dataset's shape (same cost as real
+ones), so it runs anywhere; any option of utils/main.py is accepted and means the same.
+Prints a summary and writes it as JSON (default result/benchmark/<time>.json).
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from backbone import build_backbone  # noqa: E402
+from datasets import dataset_classes  # noqa: E402
+from datasets.continual_dataset import TaskData  # noqa: E402
+from models import model_classes  # noqa: E402
+from utils.args import parse_args, positive_int  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.main import resolve_device, seed_everything  # noqa: E402
+from utils.results import environment, result_path, write_json_atomic  # noqa: E402
+from utils.training import TrainingContext, evaluate  # noqa: E402
+
+# Epochs of learning + retraining per task in the paper's CIFAR-10 protocol.
+PAPER_EPOCHS_PER_TASK = 50 + 50
+
+
+def synthetic_task(dataset_cls, n: int, task: int) -> TaskData:
+    size = dataset_cls.IMAGE_SIZE
+    generator = torch.Generator().manual_seed(task)
+    x = torch.randint(0, 256, (n, dataset_cls.CHANNELS, size, size), dtype=torch.uint8,
+                      generator=generator)
+    y = torch.randint(0, dataset_cls.N_CLASSES_PER_TASK, (n,), generator=generator)
+    return TaskData(x, y, torch.full((n,), task, dtype=torch.long))
+
+
+class RandomData:
+    """Stands in for a dataset: two tasks of random images, same shapes as the real one."""
+
+    def __init__(self, dataset_cls, n_train: int, n_test: int) -> None:
+        self.N_TASKS, self.N_CLASSES_PER_TASK = dataset_cls.N_TASKS, dataset_cls.N_CLASSES_PER_TASK
+        self.CHANNELS = dataset_cls.CHANNELS
+        self._train = [synthetic_task(dataset_cls, n_train, t) for t in range(2)]
+        self._test = [synthetic_task(dataset_cls, n_test, t) for t in range(2)]
+
+    def train_data(self, task: int) -> TaskData:
+        return self._train[task]
+
+    def test_data(self, task: int) -> TaskData:
+        return self._test[task]
+
+
+def timed(device: torch.device, fn) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(args: argparse.Namespace, steps: int, real: bool) -> dict:
+    device = resolve_device(args.device)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    seed_everything(args.seed)
+    dataset_cls = dataset_classes()[args.dataset]
+    n_train = args.batch_size * (steps + 2)
+    dataset = dataset_cls(args) if real else RandomData(dataset_cls, n_train, 4 * args.batch_size)
+    model_cls = model_classes()[args.model]
+    model_cls.configure(args, dataset_cls)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    net = build_backbone(args, dataset.N_TASKS, dataset.N_CLASSES_PER_TASK, dataset.CHANNELS)
+    model = model_cls(net.to(device, memory_format=layout), dataset, args).to(device)
+    ctx = TrainingContext(device, args.batch_size, args.eval_batch_size, show_progress=False,
+                          channels_last=bool(args.channels_last), amp=bool(args.amp))
+    ctx.phase_times.append({})
+    first, second = (dataset.train_data(t).to(device) for t in (0, 1))
+    first = first.subset(torch.arange(min(len(first), n_train), device=device))
+    second = second.subset(torch.arange(min(len(second), n_train), device=device))
+    report: dict = {}
+
+    # Task 0 end to end (a short fit), so task 1 runs with whatever state the method keeps
+    # (BMKP: bases, hence its regularizer); BMKP's projection is timed on its own.
+    model.begin_task(0, first)
+    model.train_epochs(first, ctx, 1, model.observe, 0)
+    if hasattr(model, "project_task"):
+        report["projection_s"] = timed(device, lambda: model.project_task(0, first, ctx))
+    else:
+        model.end_task(0, first, ctx)
+
+    model.begin_task(1, second)
+    model.train()
+
+    def real_path(n_steps: int) -> None:
+        done = 0
+        while done < n_steps:
+            for x, y, _ in ctx.batches(second, "benchmark"):
+                with ctx.autocast():
+                    model.observe(x, y, 1)
+                done += 1
+                if done == n_steps:
+                    break
+
+    real_path(2)
+    real_s = timed(device, lambda: real_path(steps)) / steps
+
+    x0, y0, _ = next(iter(ctx.batches(second, "bound")))
+    bare_opt = torch.optim.SGD(model.net.parameters(), lr=1e-6)
+
+    def bare(n_steps: int) -> None:
+        for _ in range(n_steps):
+            bare_opt.zero_grad(set_to_none=True)
+            with ctx.autocast():
+                loss = F.cross_entropy(model.net(x0, 1), y0)
+            loss.backward()
+            bare_opt.step()
+
+    bare(2)
+    bare_s = timed(device, lambda: bare(steps)) / steps
+    report.update(train_images_per_s=args.batch_size / real_s,
+                  bound_images_per_s=args.batch_size / bare_s,
+                  train_ms_per_batch=1000 * real_s, bound_ms_per_batch=1000 * bare_s,
+                  ratio_to_bound=bare_s / real_s)
+
+    ctx.debug = False
+    n_eval = len(dataset.test_data(0))
+    eval_s = timed(device, lambda: evaluate(model, dataset, 0, ctx))
+    report["eval_images_per_s"] = n_eval / eval_s
+    if "projection_s" in report:
+        batches_per_epoch = -(-len(dataset.train_data(0)) // args.batch_size)
+        task_s = PAPER_EPOCHS_PER_TASK * batches_per_epoch * real_s + report["projection_s"]
+        report["projection_share_of_paper_task"] = report["projection_s"] / task_s
+    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        report["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--steps", type=positive_int, default=10)
+    extra.add_argument("--out", type=Path, default=None)
+    own, rest = extra.parse_known_args(argv)
+    defaults = {"--model": "bmkp", "--dataset": "seq-cifar10", "--quiet": None}
+    for flag, value in defaults.items():
+        if flag not in rest:
+            rest += [flag] if value is None else [flag, value]
+    try:
+        args = parse_args(rest)
+        real = "--data_path" in rest or args.dataset == "seq-synthetic"
+        report = measure(args, own.steps, real)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    setup = {k: getattr(args, k) for k in ("model", "dataset", "backbone", "nf", "batch_size",
+                                           "channels_last", "amp", "device")}
+    payload = {"setup": setup, "data": "real" if real else "random",
+               "environment": environment(resolve_device(args.device)), **report}
+    for key, value in report.items():
+        print(f"{key:32s} {value:.4g}" if isinstance(value, float) else f"{key:32s} {value}")
+    out = own.out or result_path(args.results_dir, "benchmark", args.model, args.seed)
+    write_json_atomic(payload, out)
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
