@@ -1,5 +1,7 @@
 """Seq-Tiny-ImageNet: 10 tasks of 20 classes, 64x64; the official val split is the test set."""
 import argparse
+import os
+import zipfile
 from pathlib import Path
 
 from torchvision.datasets.utils import download_and_extract_archive
@@ -23,11 +25,17 @@ class SequentialTinyImageNet(SequentialDataset):
         if root is None:
             try:
                 download_and_extract_archive(self.URL, download_root=str(data_path))
-            except (OSError, RuntimeError, ValueError) as exc:
+            except (OSError, RuntimeError, ValueError, zipfile.BadZipFile) as exc:
+                reason = str(exc) or type(exc).__name__
+                # torchvision reuses any file of the archive's name without a checksum, so a
+                # partial or non-zip download would fail every later run: remove it.
+                archive = data_path / os.path.basename(self.URL)
+                if archive.is_file() and not zipfile.is_zipfile(archive):
+                    archive.unlink()
+                    reason = f"{archive.name} was not a zip archive ({reason}); it was removed"
                 layouts = (f"{FOLDER}/ or the folder itself holding wnids.txt, "
                            "train/<wnid>/images/*.JPEG, val/images and val/val_annotations.txt")
-                raise download_failure(self.NAME, data_path, str(exc) or type(exc).__name__,
-                                       layouts) from None
+                raise download_failure(self.NAME, data_path, reason, layouts) from None
             root = self._locate(data_path)
             if root is None:
                 raise download_failure(self.NAME, data_path, f"the archive held no {FOLDER}/",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import tempfile
 import warnings
 from pathlib import Path
@@ -62,8 +63,9 @@ def cached_decode(cache_dir: Path, name: str, files: list[Path],
             stored = torch.load(cache_file, weights_only=True)
             if stored.get("key") == key:
                 return RawSplits(**stored["splits"])
-        except (OSError, RuntimeError, KeyError, TypeError):
-            pass
+        except (OSError, RuntimeError, KeyError, TypeError, AttributeError, EOFError,
+                pickle.UnpicklingError):
+            pass  # an unreadable cache is only a cache: decode again and overwrite it
     splits = decode()
     payload = {"key": key, "splits": vars(splits)}
     try:

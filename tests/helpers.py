@@ -1,0 +1,59 @@
+"""Helpers shared by the test modules (fixtures live in conftest.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from utils.args import parse_args
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def synthetic_argv(results_dir: Path, *extra: str, model: str = "sgd") -> list[str]:
+    """Command line of a small seq-synthetic run; options in `extra` override these."""
+    return ["--model", model, "--dataset", "seq-synthetic", "--nf", "8", "--batch_size", "32",
+            "--n_epochs", "2", "--device", "cpu", "--num_threads", "1",
+            "--results_dir", str(results_dir), "--quiet", *extra]
+
+
+def dataset_args(dataset: str, data_path: Path, *extra: str):
+    """Options for constructing a dataset directly (the model does not matter)."""
+    return parse_args(["--model", "sgd", "--dataset", dataset, "--data_path", str(data_path),
+                       *extra])
+
+
+def write_image_folders(root: Path, class_names: list[str], per_split: dict[str, int],
+                        size: int, seed: int = 0) -> dict[tuple[str, str], list[np.ndarray]]:
+    """Write `{split}/<class>/<i>.png` (lossless) random images; returns them by (split, class)."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for split, count in per_split.items():
+        for name in class_names:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            images = []
+            for i in range(count):
+                image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(image).save(folder / f"{i:03d}.png")
+                images.append(image)
+            written[split, name] = images
+    return written
+
+
+def decode_file(path: Path) -> torch.Tensor:
+    """An image file as PIL decodes it, as a uint8 3 x H x W tensor."""
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
+def real_folder(real_data: Path, name: str) -> Path:
+    """A dataset folder of the real data; fails (never downloads) when it is missing."""
+    folder = real_data / name
+    if not folder.is_dir():
+        pytest.fail(f"{folder} is missing: the real-data folder must hold an unpacked "
+                    "../shared/data (cifar10-jpeg/, cifar100-jpeg/, tiny-imagenet-200/)")
+    return folder

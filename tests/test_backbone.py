@@ -1,0 +1,107 @@
+"""The ResNet backbone: sizes, per-task BatchNorm, multi-head Task-IL logits."""
+import pytest
+import torch
+import torch.nn as nn
+
+from backbone import build_backbone
+from backbone.resnet import ResNet
+
+
+def _convs(net: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _expected_conv_weights(nf: int, blocks=(2, 2, 2, 2), in_channels: int = 3) -> int:
+    """Count by hand: 3x3 stem, two 3x3 convs per BasicBlock, a 1x1 shortcut per widening."""
+    total = in_channels * nf * 9
+    in_planes = nf
+    for stage, n in enumerate(blocks):
+        planes = nf * 2 ** stage
+        for i in range(n):
+            total += in_planes * planes * 9 + planes * planes * 9
+            if in_planes != planes:
+                total += in_planes * planes
+            in_planes = planes
+    return total
+
+
+def test_reduced_resnet18_has_the_published_size():
+    net = ResNet("resnet18", nf=20, n_tasks=10, classes_per_task=10)
+    convs = _convs(net)
+    assert len(convs) == 20  # 1 stem + 16 in blocks + 3 shortcuts
+    n_weights = sum(c.weight.numel() for c in convs)
+    assert n_weights == _expected_conv_weights(20)
+    assert n_weights == 1_090_140  # the reduced ResNet-18 of GPM / BMKP
+    assert all(c.bias is None for c in convs)
+
+
+def test_resnet34_builds_and_runs():
+    net = ResNet("resnet34", nf=4, n_tasks=2, classes_per_task=3)
+    convs = _convs(net)
+    assert len(convs) == 1 + 2 * (3 + 4 + 6 + 3) + 3
+    assert sum(c.weight.numel() for c in convs) == _expected_conv_weights(4, (3, 4, 6, 3))
+    assert net(torch.rand(2, 3, 32, 32), 1).shape == (2, 3)
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_output_has_one_logit_per_class_of_the_task(size):
+    net = ResNet("resnet18", nf=4, n_tasks=5, classes_per_task=7)
+    x = torch.rand(3, 3, size, size)
+    for task in (0, 4):
+        assert net(x, task).shape == (3, 7)
+    assert net.features(x, 0).shape == (3, net.feature_dim)
+
+
+def test_task_logits_int_and_tensor_task_ids_agree():
+    torch.manual_seed(0)
+    net = ResNet("resnet18", nf=4, n_tasks=4, classes_per_task=3)
+    features = torch.randn(6, net.feature_dim)
+    mixed = torch.tensor([0, 3, 1, 1, 2, 0])
+    by_tensor = net.task_logits(features, mixed)
+    for i, task in enumerate(mixed.tolist()):
+        assert torch.allclose(by_tensor[i], net.task_logits(features[i:i + 1], task)[0])
+    # the int form is that task's own head, and the heads really differ
+    assert torch.equal(net.task_logits(features, 2), net.heads[2](features))
+    assert not torch.allclose(net.task_logits(features, 2), net.task_logits(features, 3))
+    net.eval()
+    x = torch.rand(4, 3, 16, 16)
+    assert torch.allclose(net(x, 1), net(x, torch.ones(4, dtype=torch.long)), atol=1e-6)
+
+
+def test_per_task_batchnorm_selects_the_task_set():
+    torch.manual_seed(0)
+    net = ResNet("resnet18", nf=4, n_tasks=3, classes_per_task=2, per_task_bn=True)
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 3 * 20  # one set per task for each of the 20 convs
+    x = torch.rand(8, 3, 16, 16)
+    net.eval()
+    before = [net.features(x, t) for t in range(3)]
+    assert torch.allclose(before[0], before[1])  # identical fresh sets: identical features
+    for block_set in (m.sets[1] for m in net.modules() if hasattr(m, "sets")):
+        nn.init.uniform_(block_set.weight, 0.5, 1.5)
+        nn.init.uniform_(block_set.bias, -0.5, 0.5)
+    after = [net.features(x, t) for t in range(3)]
+    assert not torch.allclose(after[1], before[1])
+    assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[2])
+
+    net.train()  # training on task 2 moves only task 2's running statistics
+    stem = net.bn1.sets
+    means = [s.running_mean.clone() for s in stem]
+    net(x, 2)
+    assert torch.equal(stem[0].running_mean, means[0])
+    assert torch.equal(stem[1].running_mean, means[1])
+    assert not torch.equal(stem[2].running_mean, means[2])
+
+
+def test_per_task_batchnorm_refuses_mixed_task_batches():
+    net = ResNet("resnet18", nf=4, n_tasks=2, classes_per_task=2, per_task_bn=True)
+    with pytest.raises(ValueError, match="per-task BatchNorm"):
+        net(torch.rand(2, 3, 16, 16), torch.tensor([0, 1]))
+
+
+def test_shared_batchnorm_has_one_set(synthetic_args):
+    net = build_backbone(synthetic_args(), n_tasks=5, classes_per_task=2)
+    assert len([m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]) == 20
+    no_stats = build_backbone(synthetic_args("--bn_running_stats", "0"), 5, 2)
+    assert all(m.running_mean is None for m in no_stats.modules()
+               if isinstance(m, nn.BatchNorm2d))
