@@ -96,8 +96,11 @@ class ContinualModel(nn.Module):
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
         """One SGD step on the task loss; returns the loss (a tensor: no host sync)."""
+        return self.optimizer_step(F.cross_entropy(self.net(x, task), y))
+
+    def optimizer_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backpropagate `loss` into fresh gradients and step the optimizer."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.net(x, task), y)
         loss.backward()
         self.optimizer.step()
         return loss.detach()

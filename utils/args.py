@@ -57,6 +57,7 @@ non_negative_int = _number(int, 0, True)
 positive_float = _number(float, 0, False)
 non_negative_float = _number(float, 0, True)
 percentage = _number(float, 0, False, 100)
+fraction = _number(float, 0, False, 1)
 switch = _number(int, 0, True, 1)
 
 

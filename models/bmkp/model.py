@@ -34,7 +34,7 @@ from datasets.continual_dataset import SequentialDataset, TaskData
 from models.bmkp.long_term_memory import LongTermMemory
 from models.bmkp.regularizer import VARIANTS, compaction_loss
 from models.continual_model import ContinualModel, network_bytes
-from utils.args import non_negative_float, non_negative_int, positive_int
+from utils.args import fraction, non_negative_float, non_negative_int, positive_int
 from utils.errors import UserError
 from utils.subspace import GramAccumulator, update_basis
 from utils.training import TrainingContext
@@ -42,13 +42,6 @@ from utils.training import TrainingContext
 # Datasets on which the reference normalises with test-batch statistics (no running stats).
 OFFICIAL_BATCH_STAT_DATASETS = ("seq-cifar10", "seq-cifar100")
 OFFICIAL_EVAL_BATCH = 128
-
-
-def threshold(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is out of range, it must be in (0, 1]")
-    return value
 
 
 class BMKP(ContinualModel):
@@ -70,9 +63,9 @@ class BMKP(ContinualModel):
                             help="weight of the representation compaction regularizer")
         parser.add_argument("--reg", choices=VARIANTS, default="official",
                             help="regularizer form: the reference code's or the paper's Eq. 4")
-        parser.add_argument("--threshold_first", type=threshold, default=0.96,
+        parser.add_argument("--threshold_first", type=fraction, default=0.96,
                             help="energy kept by the first task's bases (1.0: lossless)")
-        parser.add_argument("--threshold", type=threshold, default=0.96,
+        parser.add_argument("--threshold", type=fraction, default=0.96,
                             help="energy the bases must keep for later tasks")
         parser.add_argument("--projection_samples", type=positive_int, default=500,
                             help="training images whose activations build the bases")
@@ -139,13 +132,10 @@ class BMKP(ContinualModel):
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: int) -> torch.Tensor:
         """One learning step of the working memory: task loss plus lambda * compaction."""
-        self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.net(x, task), y)
         if task > 0 and self.args.lambd > 0:
             loss = loss + self.args.lambd * self.compaction()
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
+        return self.optimizer_step(loss)
 
     def compaction(self) -> torch.Tensor:
         """The regularizer summed over every projected layer, against the current bases."""
@@ -188,12 +178,9 @@ class BMKP(ContinualModel):
         self.reset_optimizer([*trainable.values(), *self._task_head_and_bn(task)])
 
         def step(x: torch.Tensor, y: torch.Tensor, task_id: int) -> torch.Tensor:
-            self.optimizer.zero_grad(set_to_none=True)
             weights = self.memory.weights_from(trainable)
-            loss = F.cross_entropy(functional_call(self.net, weights, (x, task_id)), y)
-            loss.backward()
-            self.optimizer.step()
-            return loss.detach()
+            return self.optimizer_step(
+                F.cross_entropy(functional_call(self.net, weights, (x, task_id)), y))
 
         self.train_epochs(data, ctx, self.args.retrain_epochs, step, task, label="retrain")
         return {n: a.detach() for n, a in trainable.items()}
