@@ -16,8 +16,6 @@ import torch.nn.functional as F
 from datasets.continual_dataset import SequentialDataset, TaskData
 from utils.training import TrainingContext
 
-BYTES_PER_MB = 2 ** 20
-
 
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -15,11 +15,10 @@ import torch  # noqa: E402
 from backbone import build_backbone  # noqa: E402
 from datasets import dataset_classes  # noqa: E402
 from models import model_classes  # noqa: E402
-from models.continual_model import BYTES_PER_MB  # noqa: E402
 from utils.args import parse_args  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.results import environment, result_path, write_json_atomic  # noqa: E402
-from utils.training import TrainingContext, run_tasks  # noqa: E402
+from utils.training import BYTES_PER_MB, TrainingContext, run_tasks  # noqa: E402
 
 
 def resolve_device(name: str) -> torch.device:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from models.continual_model import ContinualModel
 
 DEBUG_BATCHES = 5
+BYTES_PER_MB = 2 ** 20
 
 
 @dataclass
@@ -95,6 +96,7 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
               log=print) -> dict:
     """Learn the tasks in order; returns the accuracy matrix, its metrics and phase times."""
     matrix: list[list[float]] = []
+    memory_mb: list[float] = []
     start = time.perf_counter()
     for task in range(dataset.N_TASKS):
         ctx.phase_times.append({})
@@ -105,9 +107,10 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
         model.end_task(task, train, ctx)
         with ctx.phase("eval"):
             matrix.append(evaluate(model, dataset, task, ctx))
+        memory_mb.append(sum(model.memory_breakdown().values()) / BYTES_PER_MB)
         row = matrix[-1]
         times = " ".join(f"{k} {v:.1f}s" for k, v in ctx.phase_times[-1].items())
         log(f"{ctx.task_label}: avg acc {sum(row) / len(row):6.2f}  "
             f"per task [{', '.join(f'{a:.1f}' for a in row)}]  {times}")
-    return {**summarize(matrix), "phase_times": ctx.phase_times,
+    return {**summarize(matrix), "memory_per_task_mb": memory_mb, "phase_times": ctx.phase_times,
             "total_time_s": time.perf_counter() - start}
