@@ -1,0 +1,26 @@
+"""The benchmark runs end to end on small settings and reports every figure it promises."""
+import json
+
+from utils.benchmark import main
+
+
+def test_benchmark_reports_throughput_bound_and_projection(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["--dataset", "seq-synthetic", "--nf", "4", "--batch_size", "16", "--steps", "2",
+                 "--num_threads", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for key in ("train_images_per_s", "bound_images_per_s", "ratio_to_bound",
+                "eval_images_per_s", "projection_s", "projection_share_of_paper_task",
+                "peak_rss_mb"):
+        assert report[key] > 0, key
+    assert report["setup"]["model"] == "bmkp" and report["data"] == "real"
+    assert "ratio_to_bound" in capsys.readouterr().out
+
+
+def test_benchmark_of_a_method_without_projection(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["--model", "sgd", "--nf", "4", "--batch_size", "16", "--steps", "2",
+                 "--num_threads", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["data"] == "random" and "projection_s" not in report
+    assert report["train_images_per_s"] > 0
