@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -18,6 +19,21 @@ def synthetic_argv(results_dir: Path, *extra: str, model: str = "sgd") -> list[s
     return ["--model", model, "--dataset", "seq-synthetic", "--nf", "8", "--batch_size", "32",
             "--n_epochs", "2", "--device", "cpu", "--num_threads", "1",
             "--results_dir", str(results_dir), "--quiet", *extra]
+
+
+def assert_one_line_error(capsys, entry: Callable[[list[str]], int], argv: list[str],
+                          *fragments: str) -> str:
+    """Run an entry point's main(argv): it must exit 2 with nothing on stdout and a single
+    'error: ...' line on stderr holding every fragment; returns that line."""
+    code = entry(argv)
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == ""
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return err
 
 
 def dataset_args(dataset: str, data_path: Path, *extra: str):

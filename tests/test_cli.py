@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from datasets import dataset_classes
-from helpers import REPO, real_folder, synthetic_argv, write_image_folders
+from helpers import (REPO, assert_one_line_error, real_folder, synthetic_argv,
+                     write_image_folders)
 from models import model_classes
 from utils.main import main
 
@@ -54,15 +55,7 @@ def test_script_reports_bad_input_in_one_line_without_traceback():
 
 
 def _assert_one_line_error(capsys, argv, *fragments) -> str:
-    code = main(argv)
-    out, err = capsys.readouterr()
-    assert code == 2
-    assert out == ""
-    assert err.endswith("\n") and err.count("\n") == 1, err
-    assert err.startswith("error: ") and "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
-    return err
+    return assert_one_line_error(capsys, main, argv, *fragments)
 
 
 @pytest.mark.parametrize("argv, fragments", [

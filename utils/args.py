@@ -73,7 +73,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                           "options typed on the command line still win")
     exp.add_argument("--data_path", type=Path, default=Path("data"),
                      help="dataset folder: downloaded into when empty (default ./data)")
-    exp.add_argument("--seed", type=non_negative_int, default=0)
+    seeds = exp.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=non_negative_int, default=0)
+    seeds.add_argument("--seeds", type=non_negative_int, nargs="+", default=None, metavar="S",
+                       help="one run per seed, then an aggregate JSON with mean and std")
+    seeds.add_argument("--n_runs", type=positive_int, default=None, metavar="K",
+                       help="as --seeds 0 1 ... K-1")
     exp.add_argument("--class_order_seed", type=non_negative_int, default=None,
                      help="permute the class-to-task assignment with this seed "
                           "(default: label order)")
@@ -81,6 +86,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                      help="hold out P%% of each task's training data and evaluate on it "
                           "instead of the test set")
     exp.add_argument("--results_dir", type=Path, default=Path("result"))
+    exp.add_argument("--save_memory", type=Path, default=None, metavar="FILE",
+                     help="after the run, save the long-term memory (bmkp) for "
+                          "utils/evaluate.py; with several seeds FILE-seed<S>.<ext> each")
 
     train = parser.add_argument_group("training")
     train.add_argument("--n_epochs", type=positive_int, default=50)

@@ -1,4 +1,8 @@
-"""Run one task-incremental experiment: python utils/main.py --model sgd --dataset seq-cifar10"""
+"""Run one task-incremental experiment: python utils/main.py --model sgd --dataset seq-cifar10
+
+With --seeds S1 S2 ... or --n_runs K it is repeated once per seed, and the statistics over the
+runs are written beside them as <time>-aggregate.json.
+"""
 from __future__ import annotations
 
 import argparse
@@ -14,10 +18,15 @@ import torch  # noqa: E402
 
 from backbone import build_backbone  # noqa: E402
 from datasets import dataset_classes  # noqa: E402
+from datasets.continual_dataset import SequentialDataset  # noqa: E402
 from models import model_classes  # noqa: E402
+from models.continual_model import ContinualModel  # noqa: E402
+from utils.aggregate import aggregate_runs, shared_config  # noqa: E402
 from utils.args import parse_args  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.results import environment, result_path, write_json_atomic  # noqa: E402
+from utils.memory_file import check_exportable, per_seed_path, save_memory  # noqa: E402
+from utils.results import (aggregate_path, environment, result_path,  # noqa: E402
+                           write_json_atomic)
 from utils.training import BYTES_PER_MB, TrainingContext, run_tasks  # noqa: E402
 
 
@@ -40,19 +49,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
-    """Build dataset and model from the options, learn all tasks, write the result JSON."""
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    device = resolve_device(args.device)
-    seed_everything(args.seed)
+def build(args: argparse.Namespace,
+          device: torch.device) -> tuple[SequentialDataset, ContinualModel]:
+    """The dataset and the method around a fresh backbone on `device`, as the options say;
+    shared with utils/evaluate.py, which must rebuild a saved model exactly the same way."""
     dataset = dataset_classes()[args.dataset](args)
     model_cls = model_classes()[args.model]
     model_cls.configure(args, type(dataset))
     net = build_backbone(args, dataset.N_TASKS, dataset.N_CLASSES_PER_TASK, dataset.CHANNELS)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     net = net.to(device, memory_format=layout)
-    model = model_cls(net, dataset, args).to(device)
+    return dataset, model_cls(net, dataset, args).to(device)
+
+
+def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
+    """Build dataset and model from the options, learn all tasks, write the result JSON
+    (and the long-term memory with --save_memory)."""
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    dataset, model = build(args, device)
+    if args.save_memory is not None:
+        check_exportable(model, args.save_memory)
     show_progress = not args.quiet and sys.stderr.isatty()
     ctx = TrainingContext(device, args.batch_size, args.eval_batch_size,
                           debug=bool(args.debug_mode), show_progress=show_progress,
@@ -71,24 +90,78 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
     }
     path = result_path(args.results_dir, args.dataset, args.model, args.seed)
     write_json_atomic(result, path)
+    if args.save_memory is not None:
+        save_memory(model, args, args.save_memory)
     return result, path
 
 
+def seeds_to_run(args: argparse.Namespace) -> list[int] | None:
+    """The seeds of a multi-seed command (--seeds, or 0..K-1 for --n_runs K); None for one run."""
+    if args.n_runs is not None:
+        return list(range(args.n_runs))
+    if args.seeds is not None and len(set(args.seeds)) < len(args.seeds):
+        repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+        raise UserError(f"--seeds repeats {', '.join(map(str, repeated))}; give each seed once "
+                        "(a repeated seed reruns the same experiment)")
+    return args.seeds
+
+
+def run_seeds(args: argparse.Namespace, seeds: list[int], log=print) -> tuple[dict, Path]:
+    """One run per seed, each writing its own JSON, then the aggregate JSON over them."""
+    results, paths = [], []
+    for seed in seeds:
+        run_args = argparse.Namespace(**vars(args))  # run() settles options in place
+        run_args.seed = seed
+        if args.save_memory is not None:
+            run_args.save_memory = per_seed_path(args.save_memory, seed)
+        result, path = run(run_args, log)
+        print(run_summary(result, path))
+        results.append(result)
+        paths.append(path)
+    aggregate = {"model": args.model, "dataset": args.dataset,
+                 "runs": [str(p) for p in paths], **aggregate_runs(results),
+                 "config": shared_config([r["config"] for r in results])}
+    path = aggregate_path(args.results_dir, args.dataset, args.model)
+    write_json_atomic(aggregate, path)
+    return aggregate, path
+
+
+def run_summary(result: dict, path: Path) -> str:
+    """The line a finished run prints, so a log shows each result and where it went."""
+    bwt = "n/a" if result["bwt"] is None else f"{result['bwt']:.2f}"
+    return (f"{result['model']} on {result['dataset']} (seed {result['seed']}): final Task-IL "
+            f"ACC {result['final_acc']:.2f}  BWT {bwt}  memory "
+            f"{result['memory']['total_mb']:.2f} MB  time {result['total_time_s']:.1f}s -> {path}")
+
+
+def aggregate_summary(aggregate: dict, path: Path) -> str:
+    """The closing line of a multi-seed command: ACC mean +- std over its seeds."""
+    acc, bwt = aggregate["final_acc"], aggregate["bwt"]
+    bwt_text = "n/a" if bwt is None else f"{bwt['mean']:.2f} +- {bwt['std']:.2f}"
+    return (f"{aggregate['model']} on {aggregate['dataset']}: final Task-IL ACC "
+            f"{acc['mean']:.2f} +- {acc['std']:.2f} over {aggregate['n_runs']} seeds  "
+            f"BWT {bwt_text}  memory {aggregate['memory_total_mb']['mean']:.2f} MB -> {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    seeds = None
     try:
         args = parse_args(argv)
         log = (lambda *a, **k: None) if args.quiet else print
-        result, path = run(args, log)
+        seeds = seeds_to_run(args)
+        if seeds is None:
+            summary = run_summary(*run(args, log))
+        else:
+            summary = aggregate_summary(*run_seeds(args, seeds, log))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: no result was written", file=sys.stderr)
+        more = "" if seeds is None else (" by the run in progress, nor an aggregate; the "
+                                         "finished runs keep their files")
+        print(f"interrupted: no result was written{more}", file=sys.stderr)
         return 130
-    bwt = "n/a" if result["bwt"] is None else f"{result['bwt']:.2f}"
-    print(f"{args.model} on {args.dataset} (seed {args.seed}): final Task-IL ACC "
-          f"{result['final_acc']:.2f}  BWT {bwt}  memory {result['memory']['total_mb']:.2f} MB  "
-          f"time {result['total_time_s']:.1f}s -> {path}")
+    print(summary)
     return 0
 
 

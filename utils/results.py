@@ -7,6 +7,7 @@ import platform
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import IO, Callable
 
 import torch
 
@@ -20,13 +21,14 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def write_json_atomic(payload: dict, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename it into place."""
+def write_atomic(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Call `write` on a temporary file in the same folder, then rename it into place, so an
+    interrupted or failed write leaves the previous file (or none), never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, default=str)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -35,6 +37,19 @@ def write_json_atomic(payload: dict, path: Path) -> None:
             os.remove(tmp)
 
 
-def result_path(results_dir: Path, dataset: str, model: str, seed: int) -> Path:
+def write_json_atomic(payload: dict, path: Path) -> None:
+    write_atomic(path, lambda f: json.dump(payload, f, indent=1, default=str))
+
+
+def _stamped(results_dir: Path, dataset: str, model: str, suffix: str) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
-    return results_dir / dataset / model / f"{stamp}-seed{seed}.json"
+    return results_dir / dataset / model / f"{stamp}-{suffix}.json"
+
+
+def result_path(results_dir: Path, dataset: str, model: str, seed: int) -> Path:
+    return _stamped(results_dir, dataset, model, f"seed{seed}")
+
+
+def aggregate_path(results_dir: Path, dataset: str, model: str) -> Path:
+    """Where the statistics over a multi-seed run go, beside its run files."""
+    return _stamped(results_dir, dataset, model, "aggregate")

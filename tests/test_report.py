@@ -1,0 +1,179 @@
+"""utils/report.py on small result files written here: tables, reference column, flags, figures."""
+import itertools
+import json
+
+import pytest
+
+from helpers import assert_one_line_error
+from utils.metrics import summarize
+from utils.report import REFERENCE, main
+from utils.results import write_json_atomic
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_run_ids = itertools.count()
+
+
+def write_run(folder, model, dataset, seed, last_row, memory_mb=1.0, per_task_memory=True,
+              **config):
+    """A run JSON as utils/main.py writes it (only the fields the report reads), 2 tasks."""
+    matrix = [[last_row[0] + 1.0], last_row]
+    run = {"model": model, "dataset": dataset, "seed": seed, **summarize(matrix),
+           "memory": {"total_mb": memory_mb},
+           "config": {"model": model, "dataset": dataset, "seed": seed, "lr": 0.05,
+                      "device": "cpu", "data_path": f"/data/{seed}", "num_threads": 1,
+                      **config}}
+    if per_task_memory:
+        run["memory_per_task_mb"] = [memory_mb / 2, memory_mb]
+    path = folder / dataset / model / f"run{next(_run_ids)}-seed{seed}.json"
+    write_json_atomic(run, path)
+    return path
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    """Markdown table rows by their first cell."""
+    rows = [line.strip("|").split(" | ") for line in markdown.splitlines()
+            if line.startswith("| ") and not line.startswith("|---")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def run_report(tmp_path, capsys, *sources):
+    code = main([*map(str, sources), "--out", str(tmp_path / "out"),
+                 "--img_dir", str(tmp_path / "img")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out, err
+
+
+@pytest.fixture
+def results(tmp_path):
+    """Three seeds each of bmkp, joint and sgd on Seq-CIFAR-10, plus files that are not runs."""
+    folder = tmp_path / "result"
+    # bmkp: final ACC 93.5, 94.0, 94.5 -> 94.00 +- 0.50; memory 25.0, 25.5, 26.0 -> 25.50
+    for seed, (first, mb) in enumerate([(93.0, 25.0), (94.0, 25.5), (95.0, 26.0)]):
+        write_run(folder, "bmkp", "seq-cifar10", seed, [first, 94.0], mb, lambd=10.0)
+    # joint: 97, 98, 99 -> 98.00 +- 1.00 against the paper's 98.07 (no std)
+    for seed, acc in enumerate([97.0, 98.0, 99.0]):
+        write_run(folder, "joint", "seq-cifar10", seed, [acc, acc], 1.5)
+    # sgd: 60, 64, 68 -> 64.00 +- 4.00, no paper number
+    for seed, acc in enumerate([60.0, 64.0, 68.0]):
+        write_run(folder, "sgd", "seq-cifar10", seed, [acc - 10, acc + 10], 1.5)
+    write_json_atomic({"model": "sgd", "final_acc": {"mean": 1.0}}, folder / "x-aggregate.json")
+    write_json_atomic({"setup": {}, "train_images_per_s": 1.0}, folder / "benchmark" / "b.json")
+    return folder
+
+
+def test_table1_values_reference_and_difference(tmp_path, capsys, results):
+    out, err = run_report(tmp_path, capsys, results)
+    assert err == ""
+    md = (tmp_path / "out" / "table1.md").read_text()
+    rows = table_rows(md)
+    assert rows["method"] == ["seq-cifar10 ACC", "seq-cifar10 MB", "seq-cifar10 paper",
+                              "seq-cifar10 diff"]
+    assert rows["bmkp"] == ["94.00 +- 0.50 (3 seeds)", "25.50", "94.49 +- 0.20", "-0.49"]
+    assert rows["joint"] == ["98.00 +- 1.00 (3 seeds)", "1.50", "98.07", "-0.07"]
+    assert rows["sgd"] == ["64.00 +- 4.00 (3 seeds)", "1.50", "-", "-"]
+    assert set(rows) == {"method", "bmkp", "joint", "sgd"}  # aggregate/benchmark skipped
+    assert "warning" not in md and "[few]" not in md
+    tex = (tmp_path / "out" / "table1.tex").read_text()
+    assert r"\multicolumn{4}{c}{seq-cifar10}" in tex
+    assert r"bmkp & 94.00 $\pm$ 0.50 (3 seeds) & 25.50 & 94.49 $\pm$ 0.20 & -0.49 \\" in tex
+    assert r"\begin{tabular}" in tex and r"\end{table}" in tex
+    assert not (tmp_path / "out" / "table2.md").exists()  # no ablation runs
+    assert f"wrote {tmp_path / 'out' / 'table1.md'}" in out
+    assert f"wrote {tmp_path / 'out' / 'table1.tex'}" in out
+
+
+def test_mismatched_protocol_and_missing_or_repeated_seeds_are_flagged(tmp_path, capsys,
+                                                                       results):
+    write_run(results, "sgd", "seq-cifar10", 0, [50.0, 70.0], 1.5, lr=0.1)  # other protocol
+    for seed in (0, 0, 1):  # seed 0 twice
+        write_run(results, "joint", "seq-cifar100", seed, [80.0, 90.0], 1.5)
+    out, err = run_report(tmp_path, capsys, results)
+    md = (tmp_path / "out" / "table1.md").read_text()
+    rows = table_rows(md)
+    assert "sgd" not in rows
+    assert rows["sgd [lr=0.05]"][0] == "64.00 +- 4.00 (3 seeds)"
+    assert rows["sgd [lr=0.1]"][0] == "60.00 +- 0.00 (1 seed) [few]"
+    assert rows["joint"][4] == "85.00 +- 0.00 (3 runs, 2 seeds) [few] [dup]"
+    assert rows["joint"][6] == "91.18"  # the paper's CIFAR-100 Joint
+    warnings = err.splitlines()
+    assert ("warning: sgd on seq-cifar10: runs differ in lr; reported as 2 separate rows, "
+            "not averaged") in warnings
+    assert ("warning: sgd [lr=0.1] on seq-cifar10: 1 seed(s) [0], fewer than the largest "
+            "group's 3") in warnings
+    assert any("joint on seq-cifar100: seed(s) [0] run more than once" in w for w in warnings)
+    assert all(w.startswith("warning: ") for w in warnings) and len(warnings) == 4
+    for w in warnings:  # the table carries them too
+        assert f"- {w}" in md
+    assert "- [few]: fewer distinct seeds than the largest group (3)." in md
+
+
+def test_ablation_and_lambda_tables(tmp_path, capsys, results):
+    write_run(results, "bmkp", "seq-cifar10", 0, [80.0, 78.0], 20.0, lambd=10.0,
+              no_basis_update=True)
+    write_run(results, "bmkp", "seq-cifar10", 0, [93.0, 93.0], 25.0, lambd=10.0,
+              retrain_epochs=0)
+    for lam, acc, mb in [(1.0, 69.0, 27.0), (10.0, 70.0, 25.0), (100.0, 67.0, 24.5)]:
+        write_run(results, "bmkp", "seq-tinyimg", 0, [acc, acc], mb, lambd=lam)
+    out, err = run_report(tmp_path, capsys, results)
+    table2 = table_rows((tmp_path / "out" / "table2.md").read_text())
+    assert table2["without basis updating"][:4] == ["79.00 +- 0.00 (1 seed) [few]", "20.00",
+                                                    "79.44", "-0.44"]
+    assert table2["without retraining"][:4] == ["93.00 +- 0.00 (1 seed) [few]", "25.00",
+                                                "94.07", "-1.07"]
+    assert table2["full"][:4] == ["94.00 +- 0.50 (3 seeds)", "25.50", "94.49", "-0.49"]
+    table3 = table_rows((tmp_path / "out" / "table3.md").read_text())
+    assert table3["lambda"][-5:] == ["seq-tinyimg ACC", "seq-tinyimg MB", "seq-tinyimg paper",
+                                     "seq-tinyimg diff", "seq-tinyimg paper MB"]
+    assert table3["lambda = 1"][-5:] == ["69.00 +- 0.00 (1 seed) [few]", "27.00", "69.18",
+                                         "-0.18", "26.81"]
+    assert table3["lambda = 100"][-5:] == ["67.00 +- 0.00 (1 seed) [few]", "24.50", "67.41",
+                                           "-0.41", "24.98"]
+    assert table3["lambda = 10"][0] == "94.00 +- 0.50 (3 seeds)"  # the CIFAR-10 runs
+    assert (tmp_path / "out" / "table3.tex").is_file()
+    assert "bmkp on seq-cifar10: runs differ in no_basis_update, retrain_epochs" in err
+
+
+def _is_png(path):
+    return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_figures_are_written(tmp_path, capsys, results):
+    write_run(results, "sgd", "seq-cifar100", 0, [40.0, 50.0], 1.5, per_task_memory=False)
+    out, _ = run_report(tmp_path, capsys, results)
+    img = tmp_path / "img"
+    heatmaps = sorted((img / "runs").iterdir())
+    assert len(heatmaps) == 10 and all(_is_png(p) for p in heatmaps)
+    assert "wrote 10 accuracy-matrix heatmaps (one per run)" in out
+    for name in ("seq-cifar10_avg_accuracy", "seq-cifar10_memory", "seq-cifar100_avg_accuracy"):
+        assert _is_png(img / f"{name}.png"), name
+        assert f"wrote {img / name}.png" in out
+    assert not (img / "seq-cifar100_memory.png").exists()
+    assert ("note: seq-cifar100: no memory_per_task_mb in the runs of sgd; memory figure "
+            "skipped") in out
+
+
+def test_reference_file_holds_the_papers_tables():
+    ref = json.loads(REFERENCE.read_text())
+    assert ref["table1"]["bmkp"]["seq-tinyimg"] == {"mean": 70.36, "std": 0.2}
+    assert ref["table1"]["ewc_on"]["seq-cifar100"] == {"mean": 38.40, "std": 1.9}
+    assert "seq-tinyimg" not in ref["table1"]["DGR"] and "sgd" not in ref["table1"]
+    assert ref["table2"]["no_basis_update"]["seq-tinyimg"]["mean"] == 28.27
+    assert ref["table3"]["seq-tinyimg"]["1000"] == {"mean": 47.97, "std": None,
+                                                    "memory_mb": 24.78}
+
+
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, results):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(capsys, main, [str(empty), "--out", str(tmp_path / "o")],
+                          "no run results", str(empty), "run utils/main.py first")
+    missing = tmp_path / "missing"
+    assert_one_line_error(capsys, main, [str(missing), "--out", str(tmp_path / "o")],
+                          f"{missing} does not exist")
+    bad_reference = tmp_path / "ref.json"
+    bad_reference.write_text("{}")
+    assert_one_line_error(capsys, main, [str(results), "--out", str(tmp_path / "o"),
+                                         "--reference", str(bad_reference)],
+                          "not in the bmkp_paper.json format")
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,78 @@
+"""Evaluate a saved long-term memory: python utils/evaluate.py --memory FILE --dataset NAME
+
+Rebuilds the backbone the run used, puts the method's model around it with the saved memory
+loaded, and scores every stored task on the test set. The working memory's own weights are a
+fresh random initialisation and play no part: each stored task is predicted from the memory
+alone (its recomposed conv weights, its BatchNorm set and its head).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from datasets import dataset_classes  # noqa: E402
+from utils.args import OneLineErrorParser, parse_args  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.main import build, resolve_device, seed_everything  # noqa: E402
+from utils.memory_file import load_memory  # noqa: E402
+from utils.training import TrainingContext, evaluate  # noqa: E402
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = OneLineErrorParser(prog="utils/evaluate.py",
+                                description="Evaluate every task stored in a saved long-term "
+                                            "memory (utils/main.py --save_memory FILE).")
+    parser.add_argument("--memory", type=Path, required=True, metavar="FILE")
+    parser.add_argument("--dataset", required=True, choices=list(dataset_classes()),
+                        metavar="DATASET", help="the benchmark the memory was learned on")
+    parser.add_argument("--data_path", type=Path, default=Path("data"))
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, ...")
+    return parser.parse_args(argv)
+
+
+def evaluate_memory(path: Path, dataset_name: str, data_path: Path,
+                    device_name: str) -> list[float]:
+    """Task-IL accuracy (%) of every stored task, evaluated as the run that saved it did."""
+    device = resolve_device(device_name)
+    saved = load_memory(path, device)
+    if saved["dataset"] != dataset_name:
+        raise UserError(f"{path} holds a memory learned on {saved['dataset']}, not "
+                        f"{dataset_name}; pass --dataset {saved['dataset']}")
+    options = [f"--{key}={value}" for key, value in saved["args"].items() if value is not None]
+    args = parse_args(["--model", saved["model"], "--dataset", dataset_name,
+                       "--data_path", str(data_path), "--device", device_name, *options])
+    seed_everything(args.seed)
+    dataset, model = build(args, device)
+    shapes = {name: list(shape) for name, shape in model.memory.layer_shapes.items()}
+    if saved["memory"]["layer_shapes"] != shapes:
+        raise UserError(f"{path} does not fit the backbone its options describe; "
+                        "it was not written by this version of utils/main.py --save_memory")
+    model.memory.load_state_dict(saved["memory"])
+    if model.memory.n_tasks == 0:
+        raise UserError(f"{path} holds no task; save the memory of a run that learned one")
+    ctx = TrainingContext(device, args.batch_size, args.eval_batch_size, show_progress=False,
+                          channels_last=bool(args.channels_last), amp=bool(args.amp))
+    return evaluate(model, dataset, model.memory.n_tasks - 1, ctx)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts = parse(argv)
+        accuracies = evaluate_memory(opts.memory, opts.dataset, opts.data_path, opts.device)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{opts.memory}: {len(accuracies)} tasks of {opts.dataset}, Task-IL accuracy")
+    for task, accuracy in enumerate(accuracies):
+        print(f"task {task + 1}: {accuracy:.2f}")
+    print(f"average: {sum(accuracies) / len(accuracies):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,444 @@
+"""The paper's tables and figures from run results.
+
+    python utils/report.py [result folders or run JSON files ...] [--out DIR] [--img_dir DIR]
+
+Runs are the JSON files that hold an accuracy matrix (aggregate, benchmark and reference files
+are skipped). They are grouped by model, dataset and protocol, the protocol being the
+configuration less the options that do not change the experiment
+(utils.aggregate.NON_PROTOCOL_KEYS: seeds, paths, device, threads, memory layout, verbosity,
+model_config). Nothing is averaged across protocols: groups of one model and dataset with
+different protocols become separate rows, labelled with the options they differ in, and a
+warning names those options; a group with fewer distinct seeds than the largest group, or
+with a seed run twice, is flagged in the tables and warned about.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Hashable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.aggregate import aggregate_runs, differing_keys, protocol  # noqa: E402
+from utils.args import OneLineErrorParser  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.figures import accuracy_heatmap, task_curves  # noqa: E402
+from utils.results import write_atomic  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE = REPO / "result" / "reference" / "bmkp_paper.json"
+PAPER_DATASETS = ("seq-cifar10", "seq-cifar100", "seq-tinyimg")
+FEW, DUPLICATE = "few", "dup"
+# Table 2's rows, in the paper's order: (no_basis_update, no retraining) -> row.
+ABLATIONS = {(True, False): (0, "without basis updating", "no_basis_update"),
+             (False, True): (1, "without retraining", "no_retraining"),
+             (True, True): (2, "without basis updating or retraining", None),
+             (False, False): (3, "full", "full")}
+
+
+@dataclass
+class Group:
+    """The runs of one model on one dataset under one protocol (one per seed, normally)."""
+
+    model: str
+    dataset: str
+    protocol: dict
+    paths: list[Path] = field(default_factory=list)
+    runs: list[dict] = field(default_factory=list)
+    label: str = ""
+    flags: list[str] = field(default_factory=list)
+
+    @cached_property
+    def stats(self) -> dict:
+        return aggregate_runs(self.runs)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r["seed"] for r in self.runs]
+
+
+# A variant places a group in a table: (sort key, row label, reference key), or None to
+# leave the group out of that table.
+Variant = Callable[[Group], "tuple[Hashable, str, Hashable] | None"]
+Cell = Callable[[Group | None, dict | None], str]
+
+
+@dataclass
+class Row:
+    label: str
+    reference_key: Hashable
+    groups: dict[str, Group] = field(default_factory=dict)
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    row_header: str
+    columns: list[tuple[str, Cell]]
+    reference: dict  # reference key -> dataset -> {"mean", "std", ...}
+    rows: list[Row]
+    notes: list[str]
+
+    @property
+    def datasets(self) -> list[str]:
+        """The datasets with runs: the paper's first, in its order, then the others by name."""
+        present = {d for row in self.rows for d in row.groups}
+        rank = {d: i for i, d in enumerate(PAPER_DATASETS)}
+        return sorted(present, key=lambda d: (rank.get(d, len(rank)), d))
+
+    def cells(self, row: Row) -> list[str]:
+        """The row's cells; the paper's numbers only where the row has runs to compare."""
+        reference = self.reference.get(row.reference_key, {})
+        return [cell(row.groups.get(d), reference.get(d) if d in row.groups else None)
+                for d in self.datasets for _, cell in self.columns]
+
+
+# ---- loading -------------------------------------------------------------------------------
+def load_reference(path: Path) -> dict:
+    """The paper's numbers, each table as reference key -> dataset -> entry (Table 3's lambda
+    keys become floats, to match the runs' --lambd values)."""
+    try:
+        data = json.loads(path.read_text())
+        sweeps: dict[float, dict] = defaultdict(dict)
+        for dataset, sweep in data["table3"].items():
+            for lam, entry in sweep.items():
+                sweeps[float(lam)][dataset] = entry
+        return {"table1": data["table1"], "table2": data["table2"], "table3": dict(sweeps)}
+    except FileNotFoundError:
+        raise UserError(f"reference file {path} does not exist; pass --reference FILE "
+                        f"(the repository's is {REFERENCE})") from None
+    except (json.JSONDecodeError, KeyError, ValueError, AttributeError, TypeError) as exc:
+        raise UserError(f"reference file {path} is not in the bmkp_paper.json format "
+                        f"({type(exc).__name__}: {exc}); pass --reference {REFERENCE}") from None
+
+
+def find_runs(sources: list[Path], warn: Callable[[str], None]) -> list[tuple[Path, dict]]:
+    """Every run JSON (one with an accuracy_matrix) in the given files and folders."""
+    files: dict[Path, None] = {}
+    for source in sources:
+        if source.is_file():
+            files[source.resolve()] = None
+        elif source.is_dir():
+            files.update((p.resolve(), None) for p in sorted(source.rglob("*.json"))
+                         if not p.name.startswith("."))
+        else:
+            raise UserError(f"{source} does not exist; pass result folders or run JSON files "
+                            "(default: result/)")
+    runs = []
+    for path in files:
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            warn(f"{path} is not valid JSON; skipped")
+            continue
+        if isinstance(data, dict) and "accuracy_matrix" in data:
+            runs.append((path, data))
+    if not runs:
+        raise UserError(f"no run results (JSON files with an accuracy_matrix) in "
+                        f"{', '.join(map(str, sources))}; run utils/main.py first or pass "
+                        "the folder it wrote to")
+    return runs
+
+
+def group_runs(runs: list[tuple[Path, dict]]) -> list[Group]:
+    groups: dict[tuple, Group] = {}
+    for path, run in runs:
+        proto = protocol(run.get("config", {}))
+        key = (run["model"], run["dataset"], json.dumps(proto, sort_keys=True, default=str))
+        group = groups.setdefault(key, Group(run["model"], run["dataset"], proto))
+        group.paths.append(path)
+        group.runs.append(run)
+    return [groups[k] for k in sorted(groups)]
+
+
+# ---- checks --------------------------------------------------------------------------------
+def _details(members: list[Group]) -> list[str]:
+    """For groups sharing a table row's variant and a dataset: the options they differ in,
+    as 'key=value, ...' per group ('' for a lone group)."""
+    keys = differing_keys([g.protocol for g in members]) if len(members) > 1 else []
+    return [", ".join(f"{k}={g.protocol.get(k, 'unset')}" for k in keys) for g in members]
+
+
+def _with_detail(label: str, detail: str) -> str:
+    return f"{label} [{detail}]" if detail else label
+
+
+def label_groups(groups: list[Group]) -> list[str]:
+    """Label each group by its model (plus the options telling it apart from the model's other
+    groups on the dataset); a warning for each model and dataset with several protocols."""
+    by_model: dict[tuple[str, str], list[Group]] = defaultdict(list)
+    for g in groups:
+        by_model[g.model, g.dataset].append(g)
+    warnings = []
+    for (model, dataset), members in by_model.items():
+        for g, detail in zip(members, _details(members)):
+            g.label = _with_detail(model, detail)
+        if len(members) > 1:
+            keys = differing_keys([g.protocol for g in members])
+            warnings.append(f"{model} on {dataset}: runs differ in {', '.join(keys)}; "
+                            f"reported as {len(members)} separate rows, not averaged")
+    return warnings
+
+
+def flag_seeds(groups: list[Group]) -> list[str]:
+    """Flag groups with fewer distinct seeds than the largest group, or a seed run twice."""
+    most = max(len(set(g.seeds)) for g in groups)
+    warnings = []
+    for g in groups:
+        distinct = set(g.seeds)
+        if len(distinct) < most:
+            g.flags.append(FEW)
+            warnings.append(f"{g.label} on {g.dataset}: {len(distinct)} seed(s) "
+                            f"{sorted(distinct)}, fewer than the largest group's {most}")
+        if len(distinct) < len(g.seeds):
+            g.flags.append(DUPLICATE)
+            repeated = sorted({s for s in g.seeds if g.seeds.count(s) > 1})
+            warnings.append(f"{g.label} on {g.dataset}: seed(s) {repeated} run more than once, "
+                            "each run counted in mean and std")
+    return warnings
+
+
+# ---- tables ---------------------------------------------------------------------------------
+def _ref_text(ref: dict) -> str:
+    return f"{ref['mean']:.2f}" + ("" if ref.get("std") is None else f" +- {ref['std']:.2f}")
+
+
+def acc_cell(g: Group | None, ref: dict | None) -> str:
+    if g is None:
+        return "-"
+    acc, n, seeds = g.stats["final_acc"], len(g.runs), len(set(g.seeds))
+    count = f"{seeds} seed{'' if seeds == 1 else 's'}"
+    if n != seeds:
+        count = f"{n} runs, {count}"
+    flags = "".join(f" [{f}]" for f in g.flags)
+    return f"{acc['mean']:.2f} +- {acc['std']:.2f} ({count}){flags}"
+
+
+def memory_cell(g: Group | None, ref: dict | None) -> str:
+    return "-" if g is None else f"{g.stats['memory_total_mb']['mean']:.2f}"
+
+
+def paper_cell(g: Group | None, ref: dict | None) -> str:
+    return "-" if ref is None else _ref_text(ref)
+
+
+def diff_cell(g: Group | None, ref: dict | None) -> str:
+    if g is None or ref is None:
+        return "-"
+    return f"{g.stats['final_acc']['mean'] - ref['mean']:+.2f}"
+
+
+def paper_memory_cell(g: Group | None, ref: dict | None) -> str:
+    return "-" if ref is None or ref.get("memory_mb") is None else f"{ref['memory_mb']:.2f}"
+
+
+COLUMNS: list[tuple[str, Cell]] = [("ACC", acc_cell), ("MB", memory_cell),
+                                   ("paper", paper_cell), ("diff", diff_cell)]
+
+
+def make_rows(groups: list[Group], variant: Variant) -> list[Row]:
+    """Rows of a table: one per variant, merged across datasets; groups sharing a variant on
+    a dataset get separate rows, labelled with the options they differ in."""
+    buckets: dict[tuple, list[Group]] = defaultdict(list)
+    for g in groups:
+        placed = variant(g)
+        if placed is not None:
+            buckets[g.dataset, placed].append(g)
+    rows: dict[tuple, Row] = {}
+    for (dataset, (sort_key, label, ref_key)), members in buckets.items():
+        for g, detail in zip(members, _details(members)):
+            full = _with_detail(label, detail)
+            rows.setdefault((sort_key, full), Row(full, ref_key)).groups[dataset] = g
+    return [rows[k] for k in sorted(rows)]
+
+
+def method_variant(g: Group) -> tuple[str, str, str]:
+    return g.model, g.model, g.model
+
+
+def _ablation(g: Group) -> tuple[bool, bool]:
+    return bool(g.protocol.get("no_basis_update")), g.protocol.get("retrain_epochs") == 0
+
+
+def ablation_variant(g: Group) -> tuple[int, str, str | None] | None:
+    return ABLATIONS[_ablation(g)] if g.model == "bmkp" else None
+
+
+def lambda_variant(g: Group) -> tuple[float, str, float] | None:
+    if g.model != "bmkp" or any(_ablation(g)) or "lambd" not in g.protocol:
+        return None
+    lam = float(g.protocol["lambd"])
+    return lam, f"lambda = {lam:g}", lam
+
+
+def legend(rows: list[Row], most_seeds: int) -> list[str]:
+    notes = ["ACC: final Task-IL accuracy (%), mean +- sample std over seeds; MB: memory in MB "
+             "(2^20 bytes), mean over seeds; paper: Sun et al., CVPR 2023; diff: ACC - paper."]
+    flags = {f for row in rows for g in row.groups.values() for f in g.flags}
+    if FEW in flags:
+        notes.append(f"[{FEW}]: fewer distinct seeds than the largest group ({most_seeds}).")
+    if DUPLICATE in flags:
+        notes.append(f"[{DUPLICATE}]: a seed was run more than once.")
+    return notes
+
+
+def build_tables(groups: list[Group], reference: dict, warnings: list[str]) -> list[Table]:
+    """Table 1 always; Table 2 when BMKP ablation runs exist; Table 3 when some dataset has
+    full BMKP runs with more than one lambda."""
+    most = max(len(set(g.seeds)) for g in groups)
+
+    def table(name: str, title: str, header: str, rows: list[Row],
+              columns: list[tuple[str, Cell]] = COLUMNS, notes: list[str] = ()) -> Table:
+        return Table(name, title, header, columns, reference[name], rows,
+                     legend(rows, most) + [f"warning: {w}" for w in notes])
+
+    tables = [table("table1", "Table 1: Task-IL accuracy after the last task", "method",
+                    make_rows(groups, method_variant), notes=warnings)]
+    if any(ablation_variant(g) not in (None, ABLATIONS[False, False]) for g in groups):
+        tables.append(table("table2", "Table 2: BMKP ablation", "BMKP",
+                            make_rows(groups, ablation_variant)))
+    lambdas = defaultdict(set)
+    for g in groups:
+        placed = lambda_variant(g)
+        if placed is not None:
+            lambdas[g.dataset].add(placed[0])
+    if any(len(values) > 1 for values in lambdas.values()):
+        tables.append(table("table3", "Table 3: BMKP, effect of lambda", "lambda",
+                            make_rows(groups, lambda_variant),
+                            COLUMNS + [("paper MB", paper_memory_cell)]))
+    return tables
+
+
+def to_markdown(t: Table) -> str:
+    header = [t.row_header] + [f"{d} {name}" for d in t.datasets for name, _ in t.columns]
+    lines = [f"## {t.title}", "", "| " + " | ".join(header) + " |",
+             "|---" + "|---:" * (len(header) - 1) + "|"]
+    lines += ["| " + " | ".join([row.label] + t.cells(row)) + " |" for row in t.rows]
+    return "\n".join(lines + [""] + [f"- {note}" for note in t.notes]) + "\n"
+
+
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                 "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                 "^": r"\textasciicircum{}"}
+
+
+def latex_text(text: str) -> str:
+    escaped = "".join(LATEX_SPECIAL.get(c, c) for c in text)
+    return escaped.replace(" +- ", r" $\pm$ ")
+
+
+def to_latex(t: Table) -> str:
+    n = len(t.columns)
+    spec = "l" + "".join("|" + "r" * n for _ in t.datasets)
+    groups = " & ".join(rf"\multicolumn{{{n}}}{{c}}{{{latex_text(d)}}}" for d in t.datasets)
+    names = " & ".join(latex_text(name) for _ in t.datasets for name, _ in t.columns)
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_text(t.title)}}}",
+             rf"\begin{{tabular}}{{{spec}}}", r"\hline",
+             rf" & {groups} \\", rf"{latex_text(t.row_header)} & {names} \\", r"\hline"]
+    lines += [" & ".join(latex_text(c) for c in [row.label] + t.cells(row)) + r" \\"
+              for row in t.rows]
+    lines += [r"\hline", r"\end{tabular}", r"\par\footnotesize"]
+    lines += [latex_text(note) + r"\par" for note in t.notes]
+    return "\n".join(lines + [r"\end{table}"]) + "\n"
+
+
+# ---- figures --------------------------------------------------------------------------------
+def draw_heatmaps(groups: list[Group], folder: Path) -> int:
+    """One accuracy-matrix heatmap per run; returns how many were written."""
+    for g in groups:
+        for path, run in zip(g.paths, g.runs):
+            accuracy_heatmap(run["accuracy_matrix"],
+                             f"{g.label}\n{g.dataset}, seed {run['seed']}",
+                             folder / f"{g.dataset}_{g.model}_{path.stem}.png")
+    return sum(len(g.runs) for g in groups)
+
+
+def draw_curves(groups: list[Group], img_dir: Path, note: Callable[[str], None]) -> list[Path]:
+    """Per dataset, average accuracy and memory after each task (means over seeds, one line
+    per table-1 row); returns the figures written."""
+    by_dataset: dict[str, list[Group]] = defaultdict(list)
+    for g in groups:
+        by_dataset[g.dataset].append(g)
+    written = []
+    for dataset, members in sorted(by_dataset.items()):
+        path = img_dir / f"{dataset}_avg_accuracy.png"
+        task_curves({g.label: g.stats["avg_accuracy"] for g in members},
+                    f"{dataset}: average Task-IL accuracy on the tasks seen",
+                    "average accuracy (%)", path)
+        written.append(path)
+        with_memory = [g for g in members if g.stats["memory_per_task_mb"] is not None]
+        lacking = [g.label for g in members if g.stats["memory_per_task_mb"] is None]
+        if lacking:
+            note(f"{dataset}: no memory_per_task_mb in the runs of {', '.join(lacking)}; "
+                 + ("left out of the memory figure" if with_memory
+                    else "memory figure skipped"))
+        if with_memory:
+            path = img_dir / f"{dataset}_memory.png"
+            task_curves({g.label: g.stats["memory_per_task_mb"] for g in with_memory},
+                        f"{dataset}: memory after each task", "memory (MB)", path)
+            written.append(path)
+    return written
+
+
+# ---- entry point ----------------------------------------------------------------------------
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = OneLineErrorParser(prog="utils/report.py",
+                                description="Tables (Markdown and LaTeX) and figures from run "
+                                            "results, beside the paper's numbers.")
+    parser.add_argument("sources", nargs="*", type=Path, default=[Path("result")],
+                        metavar="PATH", help="result folders or run JSON files "
+                                             "(default: result/)")
+    parser.add_argument("--out", type=Path, default=Path("result/report"),
+                        help="folder for table1.md/.tex, ... (default result/report)")
+    parser.add_argument("--img_dir", type=Path, default=Path("img"),
+                        help="folder for the figures (default img/)")
+    parser.add_argument("--reference", type=Path, default=REFERENCE,
+                        help="the paper's numbers (default: result/reference/bmkp_paper.json)")
+    return parser.parse_args(argv)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text))
+
+
+def report(opts: argparse.Namespace, warn: Callable[[str], None],
+           note: Callable[[str], None]) -> list[str]:
+    """Write the tables and figures; returns a line for each thing written."""
+    reference = load_reference(opts.reference)
+    groups = group_runs(find_runs(opts.sources, warn))
+    warnings = label_groups(groups) + flag_seeds(groups)
+    for w in warnings:
+        warn(w)
+    written = []
+    for t in build_tables(groups, reference, warnings):
+        for suffix, render in ((".md", to_markdown), (".tex", to_latex)):
+            written.append(opts.out / f"{t.name}{suffix}")
+            write_text(written[-1], render(t))
+    written += draw_curves(groups, opts.img_dir, note)
+    heatmaps = opts.img_dir / "runs"
+    count = draw_heatmaps(groups, heatmaps)
+    return [f"wrote {path}" for path in written] + [
+        f"wrote {count} accuracy-matrix heatmaps (one per run) to {heatmaps}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    def warn(text: str) -> None:
+        print(f"warning: {text}", file=sys.stderr)
+
+    try:
+        written = report(parse(argv), warn, lambda text: print(f"note: {text}"))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
