@@ -34,3 +34,13 @@ class Joint(ContinualModel):
     def memory_breakdown(self) -> dict[str, int]:
         stored = tensor_bytes(t for d in self.seen for t in (d.x, d.y, d.t))
         return {**super().memory_breakdown(), "stored_data": stored}
+
+    def checkpoint_state(self) -> dict:
+        """Also the initial weights and every task seen so far (retrained on at each task)."""
+        return {**super().checkpoint_state(), "initial": self.initial_state,
+                "seen": [vars(d) for d in self.seen]}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        super().load_checkpoint_state(state)
+        self.initial_state = state["initial"]
+        self.seen = [TaskData(**d) for d in state["seen"]]

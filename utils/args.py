@@ -86,6 +86,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                      help="hold out P%% of each task's training data and evaluate on it "
                           "instead of the test set")
     exp.add_argument("--results_dir", type=Path, default=Path("result"))
+    exp.add_argument("--checkpoint_dir", type=Path, default=None, metavar="DIR",
+                     help="after each task, save the run's state to "
+                          "DIR/<dataset>-<model>-seed<S>.pt")
+    exp.add_argument("--resume", action="store_true",
+                     help="continue from the last task saved in --checkpoint_dir")
     exp.add_argument("--save_memory", type=Path, default=None, metavar="FILE",
                      help="after the run, save the long-term memory (bmkp) for "
                           "utils/evaluate.py; with several seeds FILE-seed<S>.<ext> each")
@@ -152,4 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 f"{', '.join(model_cls.BEST_CONFIGS) or 'none'}); "
                                 "drop --model_config best and set the options yourself")
             parser.set_defaults(**model_cls.BEST_CONFIGS[dataset_cls.NAME])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.resume and args.checkpoint_dir is None:
+        raise UserError("--resume needs --checkpoint_dir DIR, the folder of the checkpoint")
+    return args

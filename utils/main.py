@@ -9,6 +9,7 @@ import argparse
 import random
 import sys
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -23,6 +24,7 @@ from models import model_classes  # noqa: E402
 from models.continual_model import ContinualModel  # noqa: E402
 from utils.aggregate import aggregate_runs, shared_config  # noqa: E402
 from utils.args import parse_args  # noqa: E402
+from utils.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.memory_file import check_exportable, per_seed_path, save_memory  # noqa: E402
 from utils.results import (aggregate_path, environment, result_path,  # noqa: E402
@@ -76,8 +78,14 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
     ctx = TrainingContext(device, args.batch_size, args.eval_batch_size,
                           debug=bool(args.debug_mode), show_progress=show_progress,
                           channels_last=bool(args.channels_last), amp=bool(args.amp))
-    started = datetime.now(timezone.utc).isoformat()
-    metrics = run_tasks(model, dataset, ctx, log=log)
+    started, progress, after_task = datetime.now(timezone.utc).isoformat(), None, None
+    if args.checkpoint_dir is not None:
+        checkpoint = checkpoint_path(args)
+        if args.resume:
+            progress, started = load_checkpoint(checkpoint, args, model, ctx)
+            log(f"resuming from {checkpoint} at task {progress.next_task + 1}")
+        after_task = partial(save_checkpoint, checkpoint, args, model, ctx, started_at=started)
+    metrics = run_tasks(model, dataset, ctx, log=log, progress=progress, after_task=after_task)
     breakdown = model.memory_breakdown()
     result = {
         "model": args.model, "dataset": args.dataset, "seed": args.seed,
@@ -144,7 +152,7 @@ def aggregate_summary(aggregate: dict, path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    seeds = None
+    seeds, args = None, None
     try:
         args = parse_args(argv)
         log = (lambda *a, **k: None) if args.quiet else print
@@ -159,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         more = "" if seeds is None else (" by the run in progress, nor an aggregate; the "
                                          "finished runs keep their files")
+        if args is not None and args.checkpoint_dir is not None:
+            more += "; rerun with --resume to continue from the last finished task"
         print(f"interrupted: no result was written{more}", file=sys.stderr)
         return 130
     print(summary)

@@ -5,7 +5,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -92,13 +92,28 @@ def evaluate(model: ContinualModel, dataset: SequentialDataset, last_task: int,
     return accuracies
 
 
+@dataclass
+class Progress:
+    """The tasks done so far: their rows of the accuracy matrix, the method's memory after
+    each and the wall time spent; empty for a fresh run, restored from a checkpoint on resume."""
+
+    matrix: list[list[float]] = field(default_factory=list)
+    memory_mb: list[float] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def next_task(self) -> int:
+        return len(self.matrix)
+
+
 def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingContext,
-              log=print) -> dict:
-    """Learn the tasks in order; returns the accuracy matrix, its metrics and phase times."""
-    matrix: list[list[float]] = []
-    memory_mb: list[float] = []
-    start = time.perf_counter()
-    for task in range(dataset.N_TASKS):
+              log=print, progress: Progress | None = None,
+              after_task: Callable[[Progress], None] | None = None) -> dict:
+    """Learn the tasks in order from `progress.next_task`, calling `after_task` once each
+    is evaluated; returns the accuracy matrix, its metrics and phase times."""
+    progress = progress or Progress()
+    start = time.perf_counter() - progress.elapsed_s
+    for task in range(progress.next_task, dataset.N_TASKS):
         ctx.phase_times.append({})
         ctx.task_label = f"task {task + 1}/{dataset.N_TASKS}"
         train = dataset.train_data(task).to(ctx.device)
@@ -106,11 +121,14 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
         model.fit_task(task, train, ctx)
         model.end_task(task, train, ctx)
         with ctx.phase("eval"):
-            matrix.append(evaluate(model, dataset, task, ctx))
-        memory_mb.append(sum(model.memory_breakdown().values()) / BYTES_PER_MB)
-        row = matrix[-1]
+            row = evaluate(model, dataset, task, ctx)
+        progress.matrix.append(row)
+        progress.memory_mb.append(sum(model.memory_breakdown().values()) / BYTES_PER_MB)
+        progress.elapsed_s = time.perf_counter() - start
         times = " ".join(f"{k} {v:.1f}s" for k, v in ctx.phase_times[-1].items())
         log(f"{ctx.task_label}: avg acc {sum(row) / len(row):6.2f}  "
             f"per task [{', '.join(f'{a:.1f}' for a in row)}]  {times}")
-    return {**summarize(matrix), "memory_per_task_mb": memory_mb, "phase_times": ctx.phase_times,
-            "total_time_s": time.perf_counter() - start}
+        if after_task is not None:
+            after_task(progress)
+    return {**summarize(progress.matrix), "memory_per_task_mb": progress.memory_mb,
+            "phase_times": ctx.phase_times, "total_time_s": time.perf_counter() - start}

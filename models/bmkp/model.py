@@ -217,3 +217,13 @@ class BMKP(ContinualModel):
     def memory_breakdown(self) -> dict[str, int]:
         ltm = {f"ltm_{k}": v for k, v in self.memory.size_in_bytes().items()}
         return {"network": network_bytes(self.net), **ltm}
+
+    def checkpoint_state(self) -> dict:
+        """Also the long-term memory. The optimizer is left out: at a task's end it may train
+        that task's coefficients, which are done with, and begin_task builds a new one."""
+        return {**super().checkpoint_state(), "optimizer": None, "scheduler": None,
+                "memory": self.memory.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        super().load_checkpoint_state(state)
+        self.memory.load_state_dict(state["memory"])

@@ -1,0 +1,107 @@
+"""--checkpoint_dir / --resume: a run killed in the middle of a task and resumed ends with the
+same accuracy matrix as a run never interrupted (on CPU), and resuming refuses what it cannot
+continue."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from datasets.seq_synthetic import SequentialSynthetic
+from helpers import assert_one_line_error, synthetic_argv
+from models.bmkp.model import BMKP
+from models.joint import Joint
+from models.sgd import Sgd
+from utils.main import main
+
+N_TASKS = SequentialSynthetic.N_TASKS
+KILLED_TASK = 3
+# Per method: the class whose training step is interrupted, and small options for seconds.
+CASES = {
+    "sgd": (Sgd, ("--n_epochs", "1", "--optim_mom", "0.9", "--lr_step", "1")),
+    "bmkp": (BMKP, ("--n_epochs", "1", "--retrain_epochs", "1", "--projection_samples", "64",
+                    "--batch_size", "16", "--nf", "4")),
+    "joint": (Joint, ("--n_epochs", "1", "--nf", "4")),
+}
+
+
+def _result(results_dir: Path) -> dict:
+    (path,) = results_dir.rglob("*.json")
+    return json.loads(path.read_text())
+
+
+def _kill_in_the_middle_of(monkeypatch, cls: type, task: int) -> None:
+    """Make the second training step of `task` raise KeyboardInterrupt (as a Ctrl-C would)."""
+    begin_task, observe, current = cls.begin_task, cls.observe, {}
+
+    def counting_begin_task(self, task_id, data):
+        current.update(task=task_id, steps=0)
+        begin_task(self, task_id, data)
+
+    def interrupting_observe(self, *batch):
+        current["steps"] += 1
+        if current["task"] == task and current["steps"] == 2:
+            raise KeyboardInterrupt
+        return observe(self, *batch)
+
+    monkeypatch.setattr(cls, "begin_task", counting_begin_task)
+    monkeypatch.setattr(cls, "observe", interrupting_observe)
+
+
+@pytest.mark.parametrize("model", list(CASES))
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, capsys, monkeypatch,
+                                                            model):
+    cls, options = CASES[model]
+    argv = synthetic_argv(tmp_path / "whole", *options, "--seed", "4", model=model)
+    assert main(argv) == 0
+    whole = _result(tmp_path / "whole")
+
+    checkpoints = tmp_path / "checkpoints"
+    argv = synthetic_argv(tmp_path / "resumed", *options, "--seed", "4",
+                          "--checkpoint_dir", str(checkpoints), model=model)
+    with monkeypatch.context() as patch:
+        _kill_in_the_middle_of(patch, cls, KILLED_TASK)
+        assert main(argv) == 130
+    assert "rerun with --resume" in capsys.readouterr().err
+    (checkpoint,) = checkpoints.iterdir()  # nothing left over from the atomic writes
+    assert checkpoint.name == f"seq-synthetic-{model}-seed4.pt"
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["next_task"] == KILLED_TASK == len(saved["matrix"]) == len(saved["phase_times"])
+    assert saved["matrix"] == whole["accuracy_matrix"][:KILLED_TASK]
+    assert not (tmp_path / "resumed").exists()
+
+    assert main(argv + ["--resume"]) == 0
+    resumed = _result(tmp_path / "resumed")
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+    assert resumed["memory_per_task_mb"] == whole["memory_per_task_mb"]
+    assert resumed["memory"] == whole["memory"]
+    assert len(resumed["phase_times"]) == N_TASKS
+    assert sum(sum(t.values()) for t in resumed["phase_times"]) <= resumed["total_time_s"]
+    assert torch.load(checkpoint, weights_only=True)["next_task"] == N_TASKS
+
+
+def test_resume_without_a_checkpoint_is_a_user_error(tmp_path, capsys):
+    argv = synthetic_argv(tmp_path / "results", "--checkpoint_dir", str(tmp_path / "none"),
+                          "--resume")
+    assert_one_line_error(capsys, main, argv, "--resume: no checkpoint",
+                          "seq-synthetic-sgd-seed0.pt")
+
+
+def test_resume_needs_a_checkpoint_dir(tmp_path, capsys):
+    assert_one_line_error(capsys, main, synthetic_argv(tmp_path, "--resume"),
+                          "--resume needs --checkpoint_dir")
+
+
+def test_resume_with_other_options_is_a_user_error(tmp_path, capsys, monkeypatch):
+    checkpoints = str(tmp_path / "checkpoints")
+    argv = synthetic_argv(tmp_path / "results", "--n_epochs", "1", "--checkpoint_dir",
+                          checkpoints)
+    with monkeypatch.context() as patch:
+        _kill_in_the_middle_of(patch, Sgd, 1)
+        assert main(argv) == 130
+    capsys.readouterr()
+    # Where the results go or how many threads run is not part of the experiment.
+    changed = argv + ["--lr", "0.01", "--resume", "--num_threads", "2"]
+    assert_one_line_error(capsys, main, changed, "other options (lr)", "drop --resume")
