@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from datasets.augment import random_crop_flip
 from utils.errors import UserError
@@ -143,10 +144,21 @@ class SequentialDataset:
         return position[y]
 
     def _split_tasks(self, x: torch.Tensor, y: torch.Tensor) -> list[TaskData]:
+        """Per-task slices with the classes interleaved round-robin (each class keeping its
+        own sample order), whatever the source layout.
+
+        Image folders list their files class by class; without interleaving a test batch
+        would hold one or two classes, which changes predictions under batch-statistics
+        BatchNorm and makes --debug_mode's evaluation subset a single class.
+        """
         k = self.N_CLASSES_PER_TASK
         tasks = []
         for task in range(self.N_TASKS):
             index = torch.nonzero((y >= task * k) & (y < (task + 1) * k)).squeeze(1)
+            local = y[index] - task * k
+            one_hot = F.one_hot(local, k)
+            rank_in_class = (one_hot.cumsum(0) * one_hot).sum(1) - 1
+            index = index[torch.argsort(rank_in_class * k + local, stable=True)]
             tasks.append(TaskData(x[index].contiguous(), y[index] - task * k,
                                   torch.full((len(index),), task, dtype=torch.long)))
         return tasks

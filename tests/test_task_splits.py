@@ -105,3 +105,13 @@ def test_taskdata_concat_and_subset():
     picked = both.subset(torch.tensor([4, 0]))
     assert picked.y.tolist() == [1, 0]
     assert torch.equal(picked.x[0], b.x[2]) and torch.equal(picked.x[1], a.x[0])
+
+
+def test_classes_are_interleaved_within_a_task(synthetic_args):
+    """The synthetic source lists samples class by class; tasks come out round-robin, so any
+    test batch (batch-statistics BatchNorm, --debug_mode's subset) sees every class."""
+    ds = SequentialSynthetic(synthetic_args())
+    k = ds.N_CLASSES_PER_TASK
+    for task in range(ds.N_TASKS):
+        for data in (ds.train_data(task), ds.test_data(task)):
+            assert data.y[:4 * k].tolist() == list(range(k)) * 4
