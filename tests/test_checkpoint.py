@@ -12,8 +12,10 @@ import torch
 from datasets.seq_synthetic import SequentialSynthetic
 from helpers import assert_one_line_error, synthetic_argv
 from models.bmkp.model import BMKP
+from models.ewc_on import EwcOn
 from models.joint import Joint
 from models.sgd import Sgd
+from models.si import Si
 from utils.main import main
 
 N_TASKS = SequentialSynthetic.N_TASKS
@@ -24,6 +26,8 @@ CASES = {
     "bmkp": (BMKP, ("--n_epochs", "1", "--retrain_epochs", "1", "--projection_samples", "64",
                     "--batch_size", "16", "--nf", "4")),
     "joint": (Joint, ("--n_epochs", "1", "--nf", "4")),
+    "ewc_on": (EwcOn, ("--n_epochs", "1", "--nf", "4", "--e_lambda", "10")),
+    "si": (Si, ("--n_epochs", "1", "--nf", "4", "--c", "0.5")),
 }
 
 

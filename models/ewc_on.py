@@ -1,0 +1,77 @@
+"""Online EWC (Schwarz et al., 2018): a running diagonal Fisher anchors the shared weights.
+
+After each task the diagonal empirical Fisher of the task's training data (squared gradients of
+the log-likelihood of the true labels) is added to the decayed running one,
+F = gamma * F + F_task, and the anchor moves to the current weights; every later step adds
+e_lambda * sum_i F_i (theta_i - anchor_i)^2 to the loss. The penalty has no 1/2 factor, as in
+mammoth, so its published e_lambda values apply unchanged.
+
+Only shared parameters are anchored (see models/penalty.py): in Task-IL a task's own head
+never moves after the task, so its Fisher would weigh a difference that is always zero.
+
+The Fisher uses the un-augmented training images in eval mode (BatchNorm with its running
+statistics, which the pass leaves untouched; with --bn_running_stats 0, the batch's). With
+--fisher_batch_size 1 (the default) each sample's gradient is squared: the exact empirical
+Fisher. With B > 1 it squares the gradient of a batch's summed log-likelihood divided by
+sqrt(B): the per-sample average plus cross terms between samples, which vanish in expectation
+when the mean gradient does (near the end of training), for B times fewer backward passes.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from datasets.continual_dataset import TaskData
+from models.penalty import PenaltyModel
+from utils.args import fraction, non_negative_float, positive_int
+from utils.training import TrainingContext
+
+
+class EwcOn(PenaltyModel):
+    NAME = "ewc_on"
+    # mammoth's published best arguments for Task-/Class-IL without a buffer
+    # (aimagelab/mammoth, utils/best_args.py, best_args[dataset]['ewc_on'][-1]).
+    BEST_CONFIGS = {
+        "seq-cifar10": dict(lr=0.03, e_lambda=10.0, gamma=1.0, batch_size=32, n_epochs=50),
+        "seq-tinyimg": dict(lr=0.03, e_lambda=25.0, gamma=1.0, batch_size=32, n_epochs=100),
+    }
+
+    @staticmethod
+    def add_arguments(parser: argparse._ActionsContainer) -> None:
+        parser.add_argument("--e_lambda", type=non_negative_float, default=10.0,
+                            help="weight of the Fisher penalty")
+        parser.add_argument("--gamma", type=fraction, default=1.0,
+                            help="decay of the running Fisher at each task end (1: plain sum)")
+        parser.add_argument("--fisher_batch_size", type=positive_int, default=1,
+                            help="images per gradient of the Fisher estimate (1: exact "
+                                 "per-sample empirical Fisher; larger: fewer passes, an "
+                                 "approximation that is exact when the mean gradient is 0)")
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(self.net(x, task), y) + self.args.e_lambda * self.penalty()
+        return self.optimizer_step(loss)
+
+    def end_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
+        with ctx.phase("fisher"):
+            fisher = self.fisher(task, data, ctx)
+        self.penalty.consolidate(fisher, decay=self.args.gamma)
+
+    def fisher(self, task: int, data: TaskData, ctx: TrainingContext) -> list[torch.Tensor]:
+        """Diagonal empirical Fisher of the shared parameters on `data` (one task's images)."""
+        params = self.penalty.params
+        fisher = [torch.zeros_like(p) for p in params]
+        was_training = self.training
+        self.eval()
+        seen = 0
+        for x, y, _ in ctx.batches(data, "fisher", batch_size=self.args.fisher_batch_size,
+                                   shuffle=False, augment=False):
+            with ctx.autocast():
+                log_likelihood = -F.cross_entropy(self.net(x, task), y, reduction="sum")
+            grads = torch.autograd.grad(log_likelihood, params)
+            for f, g in zip(fisher, grads):
+                f.add_(g.pow(2), alpha=1.0 / len(y))
+            seen += 1
+        self.train(was_training)
+        return [f / seen for f in fisher]

@@ -1,0 +1,103 @@
+"""Learning without Forgetting (Li & Hoiem, 2017) with Task-IL heads.
+
+While task t is learned, the old heads' outputs on the new images are distilled from the
+network as it was before task t: at begin_task a frozen copy of the network is taken, and on
+every (augmented) training batch the loss is
+
+    CE(head_t(x), y)
+        + alpha * sum_{j<t} T^2 * KL(softmax(old_head_j(x) / T) || softmax(head_j(x) / T))
+
+The targets are computed on the fly on the same augmented batch the live network sees, rather
+than recorded once on the un-augmented images: this matches the old model's outputs to exactly
+the inputs being trained on, with no stored logits. The frozen copy runs in eval mode (its
+BatchNorm uses the running statistics it had before the task). The copy exists only while a
+task is trained and is dropped at end_task, so the memory between tasks is the network alone.
+The original's warm-up of the new head with the rest frozen is left out.
+
+All old heads read the same features, so per-task BatchNorm (which would compute them with
+another task's statistics and update old tasks' running statistics) is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from datasets.continual_dataset import SequentialDataset, TaskData
+from models.continual_model import ContinualModel
+from utils.args import non_negative_float, positive_float
+from utils.errors import UserError
+from utils.training import TrainingContext
+
+
+def heads_logits(net: nn.Module, x: torch.Tensor, n_heads: int) -> list[torch.Tensor]:
+    """Logits of heads 0..n_heads-1 on the same images, from one pass through the features."""
+    features = net.features(x, 0)
+    return [net.task_logits(features, j) for j in range(n_heads)]
+
+
+def distillation_loss(logits: torch.Tensor, targets: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """T^2-scaled KL between the softened target and predicted distributions (batch mean)."""
+    return F.kl_div(F.log_softmax(logits / temperature, dim=1),
+                    F.log_softmax(targets / temperature, dim=1),
+                    reduction="batchmean", log_target=True) * temperature ** 2
+
+
+class Lwf(ContinualModel):
+    NAME = "lwf"
+    # mammoth's published best arguments for Task-/Class-IL without a buffer
+    # (aimagelab/mammoth, utils/best_args.py, best_args[dataset]['lwf'][-1]; its softmax_temp
+    # is --temperature here).
+    BEST_CONFIGS = {
+        "seq-cifar10": dict(lr=0.01, alpha=3.0, temperature=2.0, batch_size=32, n_epochs=50,
+                            optim_wd=0.0005),
+        "seq-tinyimg": dict(lr=0.01, alpha=1.0, temperature=2.0, batch_size=32, n_epochs=100,
+                            optim_wd=0.0005),
+    }
+
+    @staticmethod
+    def add_arguments(parser: argparse._ActionsContainer) -> None:
+        parser.add_argument("--alpha", type=non_negative_float, default=1.0,
+                            help="weight of the distillation loss of the old heads")
+        parser.add_argument("--temperature", type=positive_float, default=2.0,
+                            help="softmax temperature of the distillation")
+
+    def __init__(self, net, dataset: SequentialDataset, args: argparse.Namespace) -> None:
+        if args.per_task_bn:
+            raise UserError("lwf distils every old head from the same features, so it cannot "
+                            "use per-task BatchNorm; drop --per_task_bn 1")
+        super().__init__(net, dataset, args)
+        self.old_net: nn.Module | None = None
+
+    def begin_task(self, task: int, data: TaskData) -> None:
+        super().begin_task(task, data)
+        if task > 0:
+            self.old_net = copy.deepcopy(self.net).eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Lwf:
+        """Switch modes, keeping the frozen copy in eval mode (its BatchNorm must not move)."""
+        super().train(mode)
+        if self.old_net is not None:
+            self.old_net.eval()
+        return self
+
+    def old_targets(self, x: torch.Tensor, task: int) -> list[torch.Tensor]:
+        """Old heads' logits on `x` from the network as it was before `task` began."""
+        with torch.no_grad():
+            return heads_logits(self.old_net, x, task)
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
+        logits = heads_logits(self.net, x, task + 1)
+        loss = F.cross_entropy(logits[task], y)
+        if task > 0:
+            distill = sum(distillation_loss(new, old, self.args.temperature)
+                          for new, old in zip(logits[:task], self.old_targets(x, task)))
+            loss = loss + self.args.alpha * distill
+        return self.optimizer_step(loss)
+
+    def end_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
+        self.old_net = None

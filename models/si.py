@@ -1,0 +1,70 @@
+"""Synaptic Intelligence (Zenke et al., 2017): importance from each weight's path integral.
+
+During a task every step adds omega_i += -g_i * delta_i, where g is the gradient of the task
+loss alone (not of the penalty: the path integral measures each weight's contribution to this
+task's loss) and delta the step the optimiser actually took. At the task end
+importance_i += omega_i / (Delta_i^2 + xi), with Delta the weight's change over the whole
+task, and the anchor moves to the current weights; later steps add
+c * sum_i importance_i (theta_i - anchor_i)^2 to the loss (no 1/2, as in mammoth, so its
+published c applies). Only shared parameters are tracked (see models/penalty.py).
+
+omega exists only while a task is trained, so it is not part of the memory between tasks.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from datasets.continual_dataset import SequentialDataset, TaskData
+from models.penalty import PenaltyModel
+from utils.args import non_negative_float, positive_float
+from utils.training import TrainingContext
+
+
+class Si(PenaltyModel):
+    NAME = "si"
+    # mammoth's published best arguments for Task-/Class-IL without a buffer
+    # (aimagelab/mammoth, utils/best_args.py, best_args[dataset]['si'][-1]).
+    BEST_CONFIGS = {
+        "seq-cifar10": dict(lr=0.03, c=0.5, xi=1.0, batch_size=32, n_epochs=50),
+        "seq-tinyimg": dict(lr=0.03, c=0.5, xi=1.0, batch_size=32, n_epochs=100),
+    }
+
+    @staticmethod
+    def add_arguments(parser: argparse._ActionsContainer) -> None:
+        parser.add_argument("--c", type=non_negative_float, default=0.5,
+                            help="weight of the surrogate-loss penalty")
+        parser.add_argument("--xi", type=positive_float, default=1.0,
+                            help="damping of the importance: omega / (Delta^2 + xi)")
+
+    def __init__(self, net, dataset: SequentialDataset, args: argparse.Namespace) -> None:
+        super().__init__(net, dataset, args)
+        self.omega: list[torch.Tensor] | None = None
+
+    def begin_task(self, task: int, data: TaskData) -> None:
+        super().begin_task(task, data)
+        self.omega = [torch.zeros_like(p) for p in self.penalty.params]
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
+        params = self.penalty.params
+        self.optimizer.zero_grad(set_to_none=True)
+        task_loss = F.cross_entropy(self.net(x, task), y)
+        task_loss.backward()
+        task_grads = [p.grad.clone() for p in params]
+        before = [p.detach().clone() for p in params]
+        penalty = self.args.c * self.penalty()
+        if penalty.requires_grad:
+            penalty.backward()  # adds the penalty's gradient to the task loss's
+        self.optimizer.step()
+        with torch.no_grad():
+            for omega, g, p, b in zip(self.omega, task_grads, params, before):
+                omega.sub_(g * (p - b))
+        return (task_loss + penalty).detach()
+
+    def end_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
+        importance = [omega / (delta.pow(2) + self.args.xi)
+                      for omega, delta in zip(self.omega, self.penalty.drift())]
+        self.penalty.consolidate(importance)
+        self.omega = None

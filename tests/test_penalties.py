@@ -1,0 +1,224 @@
+"""The regularisation baselines: the shared quadratic penalty, online EWC's Fisher, SI's path
+integral, LwF's frozen targets, and one end-to-end run of each through main()."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from backbone import build_backbone
+from datasets.continual_dataset import TaskData
+from datasets.seq_synthetic import SequentialSynthetic
+from helpers import assert_one_line_error, synthetic_argv
+from models.penalty import QuadraticPenalty, shared_parameters
+from test_training import _check_result, _network_bytes, _run
+from utils.args import parse_args
+from utils.main import build, main
+from utils.training import TrainingContext
+
+CPU = torch.device("cpu")
+
+
+def _context() -> TrainingContext:
+    ctx = TrainingContext(CPU, batch_size=16, eval_batch_size=64, show_progress=False)
+    ctx.phase_times.append({})
+    return ctx
+
+
+def _model(synthetic_args, model: str, *extra: str):
+    """A method around a fresh small backbone, and the synthetic dataset."""
+    torch.manual_seed(0)
+    dataset, method = build(synthetic_args(*extra, model=model), CPU)
+    return dataset, method
+
+
+def _images(data: TaskData) -> torch.Tensor:
+    return data.x.float() / 255
+
+
+def _perturb(net: nn.Module, scale: float = 0.05) -> None:
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def test_penalty_is_zero_at_the_anchor_and_quadratic_away_from_it():
+    layer = nn.Linear(3, 2)
+    penalty = QuadraticPenalty(layer.parameters())
+    assert penalty().item() == 0.0  # nothing consolidated yet
+    importance = [torch.full_like(p, 2.0) for p in layer.parameters()]
+    penalty.consolidate(importance)
+    assert penalty().item() == 0.0
+    step = [torch.randn_like(p) for p in layer.parameters()]
+    values = []
+    for scale in (1.0, 2.0, 3.0):
+        with torch.no_grad():
+            for p, a, d in zip(layer.parameters(), penalty.anchor, step):
+                p.copy_(a + scale * d)
+        values.append(penalty().item())
+    expected = sum(2.0 * d.pow(2).sum().item() for d in step)
+    assert values == pytest.approx([expected, 4 * expected, 9 * expected], rel=1e-5)
+
+
+def test_shared_parameters_leave_out_heads_and_per_task_batchnorm(synthetic_args):
+    _, method = _model(synthetic_args, "sgd", "--per_task_bn", "1")
+    names = list(shared_parameters(method.net))
+    assert names and all(not n.startswith("heads.") and ".sets." not in n for n in names)
+    assert sum(".weight" in n and "conv" in n for n in names) == \
+        sum(isinstance(m, nn.Conv2d) for m in method.net.modules())
+
+
+def _independent_fisher(method, data: TaskData, task: int) -> list[torch.Tensor]:
+    """Mean over samples of the squared gradient of log p(y|x), one sample at a time."""
+    params = list(shared_parameters(method.net).values())
+    method.eval()
+    fisher = [torch.zeros_like(p) for p in params]
+    for x, y in zip(_images(data), data.y):
+        log_p = F.log_softmax(method.net(x[None], task), dim=1)[0, y]
+        for f, g in zip(fisher, torch.autograd.grad(log_p, params)):
+            f += g.pow(2) / len(data)
+    method.train()
+    return fisher
+
+
+def test_online_fisher_decays_with_gamma(synthetic_args):
+    dataset, method = _model(synthetic_args, "ewc_on", "--gamma", "0.5")
+    ctx = _context()
+    first = dataset.train_data(0).subset(torch.arange(6))
+    second = dataset.train_data(1).subset(torch.arange(6))
+
+    method.begin_task(0, first)
+    f1 = _independent_fisher(method, first, 0)
+    method.end_task(0, first, ctx)
+    for w, f in zip(method.penalty.importance, f1):
+        torch.testing.assert_close(w, f)
+    assert method.penalty().item() == 0.0  # the anchor is the current weights
+
+    method.begin_task(1, second)
+    _perturb(method.net)  # stands for training on the second task
+    f_new = _independent_fisher(method, second, 1)
+    method.end_task(1, second, ctx)
+    for w, old, new in zip(method.penalty.importance, f1, f_new):
+        torch.testing.assert_close(w, 0.5 * old + new)
+    for a, p in zip(method.penalty.anchor, method.penalty.params):
+        assert torch.equal(a, p)
+
+
+def test_batched_fisher_of_one_batch_is_the_squared_summed_gradient(synthetic_args):
+    dataset, method = _model(synthetic_args, "ewc_on", "--fisher_batch_size", "4")
+    data = dataset.train_data(0).subset(torch.arange(4))
+    params = list(shared_parameters(method.net).values())
+    method.eval()
+    log_likelihood = F.log_softmax(method.net(_images(data), 0), dim=1)[torch.arange(4), data.y]
+    grads = torch.autograd.grad(log_likelihood.sum(), params)
+    for f, g in zip(method.fisher(0, data, _context()), grads):
+        torch.testing.assert_close(f, g.pow(2) / 4)
+
+
+def test_si_importance_of_one_plain_sgd_step(synthetic_args):
+    """One step of momentum-free SGD moves each weight by -lr * g, so omega = lr * g^2 >= 0 and
+    the importance is lr * g^2 / ((lr * g)^2 + xi)."""
+    lr, xi = 0.01, 0.5
+    dataset, method = _model(synthetic_args, "si", "--lr", str(lr), "--xi", str(xi))
+    data = dataset.train_data(0).subset(torch.arange(16))
+    x, y = _images(data), data.y
+    params = method.penalty.params
+    method.begin_task(0, data)
+    method.train()
+    grads = torch.autograd.grad(F.cross_entropy(method.net(x, 0), y), params)
+    before = F.cross_entropy(method.net(x, 0), y).item()
+    method.observe(x, y, 0)
+    assert F.cross_entropy(method.net(x, 0), y).item() < before
+    method.end_task(0, data, _context())
+
+    importance = method.penalty.importance
+    for w, g in zip(importance, grads):
+        # float32 steps of lr * g on weights of order 1 carry a relative error of ~1e-4
+        torch.testing.assert_close(w, lr * g.pow(2) / ((lr * g).pow(2) + xi),
+                                   rtol=1e-3, atol=1e-8)
+    assert all((w >= 0).all() for w in importance)
+    assert sum(w.sum() for w in importance) > 0
+    assert method.penalty().item() == 0.0  # at the anchor
+    _perturb(method.net)
+    assert method.penalty().item() > 0.0
+    assert method.omega is None  # the path integral is training-time state only
+
+
+def test_si_path_integral_ignores_the_penalty_gradient(synthetic_args):
+    """With the penalty active omega still accumulates -g_task * delta, not -g_total * delta."""
+    dataset, method = _model(synthetic_args, "si", "--c", "100")
+    data = dataset.train_data(0).subset(torch.arange(8))
+    x, y = _images(data), data.y
+    method.begin_task(0, data)
+    method.end_task(0, data, _context())
+    _perturb(method.net)  # away from the anchor: a large penalty gradient
+    method.begin_task(1, data)
+    method.train()
+    params = method.penalty.params
+    grads = torch.autograd.grad(F.cross_entropy(method.net(x, 1), y), params)
+    before = [p.detach().clone() for p in params]
+    method.observe(x, y, 1)
+    for omega, g, p, b in zip(method.omega, grads, params, before):
+        torch.testing.assert_close(omega, -g * (p.detach() - b), rtol=1e-4, atol=1e-9)
+
+
+def test_lwf_targets_come_from_the_network_before_the_task(synthetic_args):
+    dataset, method = _model(synthetic_args, "lwf")
+    ctx = _context()
+    first = dataset.train_data(0).subset(torch.arange(16))
+    x = _images(dataset.train_data(1).subset(torch.arange(8)))
+    method.begin_task(0, first)
+    method.observe(_images(first), first.y, 0)
+    method.end_task(0, first, ctx)
+    method.eval()
+    with torch.no_grad():
+        before = method.net(x, 0)
+
+    method.begin_task(1, dataset.train_data(1))
+    method.train()
+    targets = method.old_targets(x, 1)
+    assert len(targets) == 1
+    torch.testing.assert_close(targets[0], before)
+    _perturb(method.net, scale=0.5)
+    second = dataset.train_data(1).subset(torch.arange(8))
+    method.observe(_images(second), second.y, 1)
+    method.eval()
+    with torch.no_grad():
+        assert not torch.allclose(method.net(x, 0), before)
+    torch.testing.assert_close(method.old_targets(x, 1)[0], before)
+    method.end_task(1, second, ctx)
+    assert method.old_net is None
+
+
+def test_lwf_refuses_per_task_batchnorm(tmp_path, capsys):
+    argv = synthetic_argv(tmp_path, "--per_task_bn", "1", model="lwf")
+    assert_one_line_error(capsys, main, argv, "lwf", "--per_task_bn")
+
+
+def _shared_bytes(*extra: str, model: str) -> int:
+    """4 bytes per shared float: every network parameter outside the heads (one BN set)."""
+    args = parse_args(synthetic_argv(Path("unused"), *extra, model=model))
+    net = build_backbone(args, SequentialSynthetic.N_TASKS, SequentialSynthetic.N_CLASSES_PER_TASK)
+    return sum(p.numel() * 4 for n, p in net.named_parameters() if not n.startswith("heads."))
+
+
+@pytest.mark.parametrize("model, extra", [
+    ("ewc_on", ("--fisher_batch_size", "8", "--e_lambda", "5", "--gamma", "0.9")),
+    ("si", ("--c", "0.5", "--xi", "1.0")),
+    ("lwf", ("--alpha", "1.0", "--temperature", "2.0")),
+])
+def test_run_writes_a_complete_result_with_its_memory(tmp_path, capsys, model, extra):
+    extra = ("--n_epochs", "1", *extra)
+    result, _ = _run(tmp_path, capsys, *extra, model=model)
+    _check_result(result, model)
+    breakdown = result["memory"]["breakdown_bytes"]
+    network = _network_bytes(*extra, model=model)
+    if model == "lwf":  # the frozen copy lives only while a task is trained
+        assert breakdown == {"network": network}
+    else:
+        shared = _shared_bytes(*extra, model=model)
+        assert breakdown == {"network": network, "penalty_anchor": shared,
+                             "penalty_importance": shared}
