@@ -49,6 +49,12 @@ class RawSplits:
     test_y: torch.Tensor
 
 
+def to_model_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 images -> float in [0, 1], in the layout the network runs in."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return x.to(torch.float32, memory_format=layout).div_(255)
+
+
 def iterate_batches(data: TaskData, batch_size: int, *, shuffle: bool, augment: bool,
                     max_batches: int | None = None,
                     channels_last: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -57,7 +63,6 @@ def iterate_batches(data: TaskData, batch_size: int, *, shuffle: bool, augment: 
     Indices and augmentation stay on the data's device; the only per-batch work is one
     gather, one batched crop/flip and one dtype conversion (into NHWC with channels_last).
     """
-    layout = torch.channels_last if channels_last else torch.contiguous_format
     n = len(data)
     order = torch.randperm(n, device=data.x.device) if shuffle else None
     n_batches = (n + batch_size - 1) // batch_size
@@ -72,7 +77,7 @@ def iterate_batches(data: TaskData, batch_size: int, *, shuffle: bool, augment: 
             x, y, t = data.x[idx], data.y[idx], data.t[idx]
         if augment:
             x = random_crop_flip(x, padding=4)
-        yield x.to(torch.float32, memory_format=layout).div_(255), y, t
+        yield to_model_input(x, channels_last), y, t
 
 
 class SequentialDataset:

@@ -12,6 +12,7 @@ import torch
 from datasets.seq_synthetic import SequentialSynthetic
 from helpers import assert_one_line_error, synthetic_argv
 from models.bmkp.model import BMKP
+from models.derpp import Derpp
 from models.ewc_on import EwcOn
 from models.joint import Joint
 from models.sgd import Sgd
@@ -28,6 +29,7 @@ CASES = {
     "joint": (Joint, ("--n_epochs", "1", "--nf", "4")),
     "ewc_on": (EwcOn, ("--n_epochs", "1", "--nf", "4", "--e_lambda", "10")),
     "si": (Si, ("--n_epochs", "1", "--nf", "4", "--c", "0.5")),
+    "derpp": (Derpp, ("--n_epochs", "1", "--nf", "4", "--buffer_size", "40")),
 }
 
 

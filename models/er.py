@@ -1,0 +1,33 @@
+"""Experience Replay (Riemer et al., 2019; Chaudhry et al., 2019): each step trains on the
+current batch together with a batch drawn from a reservoir buffer of past samples."""
+import torch
+import torch.nn.functional as F
+
+from models.replay import ReplayModel
+
+# Best values with a 500-image buffer from mammoth's utils/best_args.py (aimagelab/mammoth,
+# the DER paper's grid search, Buzzega et al., NeurIPS 2020).
+MAMMOTH_BEST_500 = {
+    "seq-cifar10": dict(lr=0.1, minibatch_size=32, batch_size=32, n_epochs=50),
+    "seq-tinyimg": dict(lr=0.03, minibatch_size=32, batch_size=32, n_epochs=100),
+}
+
+
+class Er(ReplayModel):
+    NAME = "er"
+    BEST_CONFIGS = MAMMOTH_BEST_500
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor, task: int,
+                raw: torch.Tensor) -> torch.Tensor:
+        """One step on the batch and a replayed batch as one mixed-task batch: every sample
+        is classified by its own task's head."""
+        t = self.task_ids(task, y)
+        past = self.replay()
+        if past is None:
+            inputs, labels, tasks = x, y, t
+        else:
+            inputs = torch.cat((x, past.x))
+            labels, tasks = torch.cat((y, past.y)), torch.cat((t, past.t))
+        loss = self.optimizer_step(F.cross_entropy(self.net(inputs, tasks), labels))
+        self.store(raw, y, task)
+        return loss

@@ -1,0 +1,76 @@
+"""Shared base of the rehearsal methods (ER, A-GEM, GEM, DER, DER++): a reservoir buffer of
+raw images replayed through each sample's own task head.
+
+How raw images reach the buffer: the loop's batches are already augmented floats, but the
+buffer keeps the dataset's uint8 images (4x smaller, re-augmented whenever replayed). Instead
+of re-implementing batching, `fit_task` runs the usual `train_epochs` over a view of the task
+whose task-id column holds each sample's index; every step thus gets the augmented batch and,
+by one gather, the un-augmented uint8 images, passed to `observe` as `raw`.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from datasets.continual_dataset import SequentialDataset, TaskData
+from models.continual_model import ContinualModel
+from utils.args import positive_int
+from utils.buffer import ReplaySample, ReservoirBuffer
+from utils.errors import UserError
+from utils.training import TrainingContext
+
+
+class ReplayModel(ContinualModel):
+    """Subclasses implement `observe(x, y, task, raw)`; `raw` is the batch's uint8 images."""
+
+    DEFAULTS = {"per_task_bn": 0}
+
+    @staticmethod
+    def add_arguments(parser: argparse._ActionsContainer) -> None:
+        parser.add_argument("--buffer_size", type=positive_int, default=500,
+                            help="images kept in the replay buffer")
+        parser.add_argument("--minibatch_size", type=positive_int, default=None,
+                            help="buffer samples replayed per step (default: --batch_size)")
+
+    def __init__(self, net, dataset: SequentialDataset, args: argparse.Namespace) -> None:
+        if args.per_task_bn:
+            raise UserError(f"{self.NAME} replays batches mixing tasks, so it cannot use "
+                            "per-task BatchNorm; drop --per_task_bn 1")
+        super().__init__(net, dataset, args)
+        self.buffer = ReservoirBuffer(args.buffer_size, channels_last=bool(args.channels_last))
+        self.minibatch_size = args.minibatch_size or args.batch_size
+
+    def fit_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
+        """The default epochs of `observe`, with each batch's raw images (module docstring)."""
+        indexed = TaskData(data.x, data.y, torch.arange(len(data), device=data.x.device))
+
+        def step(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            return self.observe(x, y, task, data.x[index])
+
+        with ctx.phase("train"):
+            self.train_epochs(indexed, ctx, self.args.n_epochs, step, task=None)
+
+    @staticmethod
+    def task_ids(task: int, y: torch.Tensor) -> torch.Tensor:
+        """The batch's task id as one id per sample, to mix it with replayed samples."""
+        return torch.full((len(y),), task, dtype=torch.long, device=y.device)
+
+    def store(self, raw: torch.Tensor, y: torch.Tensor, task: int,
+              logits: torch.Tensor | None = None) -> None:
+        """Offer a batch of one task's uint8 images (and optionally logits) to the buffer."""
+        self.buffer.add(raw, y, self.task_ids(task, y), logits)
+
+    def replay(self) -> ReplaySample | None:
+        """A replay minibatch from the buffer, or None while it is empty."""
+        return self.buffer.sample(self.minibatch_size) if len(self.buffer) else None
+
+    def checkpoint_state(self) -> dict:
+        return {**super().checkpoint_state(), "buffer": self.buffer.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        super().load_checkpoint_state(state)
+        self.buffer.load_state_dict(state["buffer"])
+
+    def memory_breakdown(self) -> dict[str, int]:
+        return {**super().memory_breakdown(), "buffer": self.buffer.nbytes()}
