@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from datasets.continual_dataset import SequentialDataset, TaskData
+from utils.errors import UserError
 from utils.training import TrainingContext
 
 
@@ -33,6 +34,8 @@ class ContinualModel(nn.Module):
     DEFAULTS: ClassVar[dict] = {}
     # Per-dataset hyperparameters loaded by --model_config best, with their source.
     BEST_CONFIGS: ClassVar[dict[str, dict]] = {}
+    # Why the method needs one BatchNorm set for all tasks (None: per-task BN is fine).
+    SHARED_BN_REASON: ClassVar[str | None] = None
 
     @staticmethod
     def add_arguments(parser: argparse._ActionsContainer) -> None:
@@ -44,6 +47,9 @@ class ContinualModel(nn.Module):
 
     def __init__(self, net: nn.Module, dataset: SequentialDataset,
                  args: argparse.Namespace) -> None:
+        if self.SHARED_BN_REASON and args.per_task_bn:
+            raise UserError(f"{self.NAME} {self.SHARED_BN_REASON}, so it cannot use per-task "
+                            "BatchNorm; drop --per_task_bn 1")
         super().__init__()
         self.net = net
         self.args = args

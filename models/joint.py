@@ -5,18 +5,15 @@ import copy
 
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.continual_model import ContinualModel, tensor_bytes
-from utils.errors import UserError
 from utils.training import TrainingContext
 
 
 class Joint(ContinualModel):
     NAME = "joint"
     DEFAULTS = {"per_task_bn": 0}
+    SHARED_BN_REASON = "trains on batches mixing tasks"
 
     def __init__(self, net, dataset: SequentialDataset, args: argparse.Namespace) -> None:
-        if args.per_task_bn:
-            raise UserError("joint trains on batches mixing tasks, so it cannot use per-task "
-                            "BatchNorm; drop --per_task_bn 1")
         super().__init__(net, dataset, args)
         self.initial_state = copy.deepcopy(net.state_dict())
         self.seen: list[TaskData] = []

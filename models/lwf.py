@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.continual_model import ContinualModel
 from utils.args import non_negative_float, positive_float
-from utils.errors import UserError
 from utils.training import TrainingContext
 
 
@@ -49,6 +48,7 @@ def distillation_loss(logits: torch.Tensor, targets: torch.Tensor,
 
 class Lwf(ContinualModel):
     NAME = "lwf"
+    SHARED_BN_REASON = "distils every old head from the same features"
     # mammoth's published best arguments for Task-/Class-IL without a buffer
     # (aimagelab/mammoth, utils/best_args.py, best_args[dataset]['lwf'][-1]; its softmax_temp
     # is --temperature here).
@@ -67,9 +67,6 @@ class Lwf(ContinualModel):
                             help="softmax temperature of the distillation")
 
     def __init__(self, net, dataset: SequentialDataset, args: argparse.Namespace) -> None:
-        if args.per_task_bn:
-            raise UserError("lwf distils every old head from the same features, so it cannot "
-                            "use per-task BatchNorm; drop --per_task_bn 1")
         super().__init__(net, dataset, args)
         self.old_net: nn.Module | None = None
 

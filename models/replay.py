@@ -17,7 +17,6 @@ from datasets.continual_dataset import SequentialDataset, TaskData
 from models.continual_model import ContinualModel
 from utils.args import positive_int
 from utils.buffer import ReplaySample, ReservoirBuffer
-from utils.errors import UserError
 from utils.training import TrainingContext
 
 
@@ -25,6 +24,7 @@ class ReplayModel(ContinualModel):
     """Subclasses implement `observe(x, y, task, raw)`; `raw` is the batch's uint8 images."""
 
     DEFAULTS = {"per_task_bn": 0}
+    SHARED_BN_REASON = "replays batches mixing tasks"
 
     @staticmethod
     def add_arguments(parser: argparse._ActionsContainer) -> None:
@@ -34,9 +34,6 @@ class ReplayModel(ContinualModel):
                             help="buffer samples replayed per step (default: --batch_size)")
 
     def __init__(self, net, dataset: SequentialDataset, args: argparse.Namespace) -> None:
-        if args.per_task_bn:
-            raise UserError(f"{self.NAME} replays batches mixing tasks, so it cannot use "
-                            "per-task BatchNorm; drop --per_task_bn 1")
         super().__init__(net, dataset, args)
         self.buffer = ReservoirBuffer(args.buffer_size, channels_last=bool(args.channels_last))
         self.minibatch_size = args.minibatch_size or args.batch_size
