@@ -120,7 +120,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     run.add_argument("--num_threads", type=positive_int, default=None,
-                     help="CPU threads for torch (default: torch's choice, one per core)")
+                     help="CPU threads for torch (default: torch's choice, capped at the cores "
+                          "this process may use; one inter-op thread). When several runs "
+                          "share a machine, give each cores/runs threads (utils/sweep.py "
+                          "gives each job 1), or they fight over the same cores")
+    run.add_argument("--compile", type=switch, default=0,
+                     help="1: torch.compile the backbone (pays off on GPU and for long runs; "
+                          "the first steps of each task id, mode and batch shape compile)")
     run.add_argument("--channels_last", type=switch, default=1,
                      help="1: NHWC memory format for images and conv weights (faster here)")
     run.add_argument("--amp", type=switch, default=0,

@@ -20,13 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from backbone import build_backbone  # noqa: E402
 from datasets import dataset_classes  # noqa: E402
 from datasets.continual_dataset import TaskData  # noqa: E402
 from models import model_classes  # noqa: E402
 from utils.args import parse_args, positive_int  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.main import resolve_device, seed_everything  # noqa: E402
+from utils.main import prepare_backbone, resolve_device, seed_everything, set_threads  # noqa: E402
 from utils.results import environment, result_path, write_json_atomic  # noqa: E402
 from utils.training import TrainingContext, evaluate  # noqa: E402
 
@@ -71,17 +70,14 @@ def timed(device: torch.device, fn) -> float:
 
 def measure(args: argparse.Namespace, steps: int, real: bool, task_images: int) -> dict:
     device = resolve_device(args.device)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    set_threads(args.num_threads)
     seed_everything(args.seed)
     dataset_cls = dataset_classes()[args.dataset]
     n_train = args.batch_size * (steps + 2)
     dataset = dataset_cls(args) if real else RandomData(dataset_cls, n_train, 4 * args.batch_size)
     model_cls = model_classes()[args.model]
     model_cls.configure(args, dataset_cls)
-    layout = torch.channels_last if args.channels_last else torch.contiguous_format
-    net = build_backbone(args, dataset.N_TASKS, dataset.N_CLASSES_PER_TASK, dataset.CHANNELS)
-    model = model_cls(net.to(device, memory_format=layout), dataset, args).to(device)
+    model = model_cls(prepare_backbone(args, device, dataset), dataset, args).to(device)
     ctx = TrainingContext(device, args.batch_size, args.eval_batch_size, show_progress=False,
                           channels_last=bool(args.channels_last), amp=bool(args.amp))
     ctx.phase_times.append({})
@@ -133,6 +129,8 @@ def measure(args: argparse.Namespace, steps: int, real: bool, task_images: int) 
                   train_ms_per_batch=1000 * real_s, bound_ms_per_batch=1000 * bare_s,
                   ratio_to_bound=bare_s / real_s)
 
+    ctx.debug = True  # a few batches first, so that --compile compiles outside the timing
+    evaluate(model, dataset, 0, ctx)
     ctx.debug = False
     n_eval = len(dataset.test_data(0))
     eval_s = timed(device, lambda: evaluate(model, dataset, 0, ctx))
@@ -169,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     setup = {k: getattr(args, k) for k in ("model", "dataset", "backbone", "nf", "batch_size",
-                                           "channels_last", "amp", "device")}
+                                           "channels_last", "amp", "compile", "device")}
     payload = {"setup": setup, "data": "real" if real else "random",
                "environment": environment(resolve_device(args.device)), **report}
     for key, value in report.items():

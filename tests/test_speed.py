@@ -1,0 +1,84 @@
+"""The speed options: thread counts, and the fast path leaving results as they were.
+
+Channels-last changes only the memory layout, but its kernels sum in another order, so its
+results can differ in the last bits: evaluation must agree to 1e-4 in the logits and exactly
+in accuracy. Training drifts faster: on CPU the whole network's channels-last gradients are
+off by up to ~1e-2 relative to float64 (contiguous: ~1e-6), so only the first two steps'
+losses, the forward and one update, are compared tightly. Options that change no arithmetic
+(the same seed and options, run again) must give identical results.
+"""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from datasets.continual_dataset import SequentialDataset, to_model_input
+from models.continual_model import ContinualModel
+from utils.main import build, run, seed_everything, thread_counts
+from utils.training import TrainingContext, evaluate, run_tasks
+
+CPU = torch.device("cpu")
+LAYOUTS = {1: torch.channels_last, 0: torch.contiguous_format}
+
+
+@pytest.mark.parametrize("requested, cores, torch_default, expected", [
+    (None, 2, 2, (2, 1)),    # torch's choice when it fits the cores
+    (None, 1, 16, (1, 1)),   # torch counted the machine; the process may use one core
+    (None, 8, 4, (4, 1)),    # OMP_NUM_THREADS=4 lowered torch's choice: kept
+    (3, 1, 16, (3, 1)),      # an explicit request is taken as given
+])
+def test_thread_counts(requested, cores, torch_default, expected):
+    assert thread_counts(requested, cores, torch_default) == expected
+
+
+def context(args: argparse.Namespace) -> TrainingContext:
+    return TrainingContext(CPU, args.batch_size, args.eval_batch_size, show_progress=False,
+                           channels_last=bool(args.channels_last))
+
+
+def train(args: argparse.Namespace) -> tuple[ContinualModel, SequentialDataset, dict,
+                                            list[float]]:
+    """Learn every task as utils/main.py's run() does; also returns each step's loss."""
+    seed_everything(args.seed)
+    dataset, model = build(args, CPU)
+    losses: list[float] = []
+    step = model.observe
+    model.observe = lambda x, y, task: losses.append(step(x, y, task).item()) or losses[-1]
+    metrics = run_tasks(model, dataset, context(args), log=lambda *a: None)
+    return model, dataset, metrics, losses
+
+
+def test_channels_last_evaluates_trained_weights_alike(synthetic_args):
+    args = synthetic_args("--channels_last", "1", "--lr", "0.01")
+    model, dataset, metrics, _ = train(args)
+    last = dataset.N_TASKS - 1
+    assert len(set(metrics["accuracy_matrix"][-1])) > 1  # learned something, not one constant
+    rows, logits = {}, {}
+    for flag, layout in LAYOUTS.items():
+        model.to(memory_format=layout)
+        args.channels_last = flag
+        rows[flag] = evaluate(model, dataset, last, context(args))
+        model.eval()
+        with torch.inference_mode():
+            logits[flag] = [model(to_model_input(dataset.test_data(t).x, bool(flag)), t)
+                            for t in range(dataset.N_TASKS)]
+    assert rows[1] == rows[0] == metrics["accuracy_matrix"][-1]
+    for fast, plain in zip(logits[1], logits[0]):
+        torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
+
+
+def test_channels_last_training_follows_the_same_losses(synthetic_args):
+    _, _, _, fast = train(synthetic_args("--channels_last", "1", "--lr", "0.005"))
+    _, _, _, plain = train(synthetic_args("--channels_last", "0", "--lr", "0.005"))
+    assert len(fast) == len(plain)
+    assert fast[1] != fast[0]  # the update moved the loss, so agreeing on it means something
+    torch.testing.assert_close(torch.tensor(fast[:2]), torch.tensor(plain[:2]),
+                               rtol=1e-4, atol=0)
+
+
+def test_same_seed_and_options_give_identical_results(synthetic_args):
+    first, _ = run(synthetic_args("--seed", "3"), log=lambda *a: None)
+    again, _ = run(synthetic_args("--seed", "3"), log=lambda *a: None)
+    assert first["accuracy_matrix"] == again["accuracy_matrix"]
