@@ -98,16 +98,39 @@ class ContinualModel(nn.Module):
             if self.scheduler is not None:
                 self.scheduler.step()
 
+    def forward_samples(self, data: TaskData, ctx: TrainingContext, n_samples: int, task: int,
+                        augment: bool) -> None:
+        """Forward the first n_samples of a shuffled pass over `data` in eval mode, without
+        gradients: the pass that forward hooks record representations from (BMKP, GPM,
+        Adam-NSCL)."""
+        was_training = self.net.training
+        self.net.eval()
+        remaining = n_samples
+        try:
+            with torch.no_grad():
+                for x, _, _ in ctx.batches(data, "representation", augment=augment):
+                    self.net(x[:remaining], task)
+                    remaining -= len(x)
+                    if remaining <= 0:
+                        break
+        finally:
+            self.net.train(was_training)
+
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
         """One SGD step on the task loss; returns the loss (a tensor: no host sync)."""
         return self.optimizer_step(F.cross_entropy(self.net(x, task), y))
 
     def optimizer_step(self, loss: torch.Tensor) -> torch.Tensor:
-        """Backpropagate `loss` into fresh gradients and step the optimizer."""
+        """Backpropagate `loss` into fresh gradients, adjust them and step the optimizer."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.adjust_gradients()
         self.optimizer.step()
         return loss.detach()
+
+    def adjust_gradients(self) -> None:
+        """Hook between backward and the step, for methods that constrain gradients (e.g.
+        GPM's projection, WSN's frozen weights); nothing by default."""
 
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes the method needs at test time and between tasks, by component."""

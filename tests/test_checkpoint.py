@@ -11,12 +11,15 @@ import torch
 
 from datasets.seq_synthetic import SequentialSynthetic
 from helpers import assert_one_line_error, synthetic_argv
+from models.adam_nscl import AdamNSCL
 from models.bmkp.model import BMKP
 from models.derpp import Derpp
 from models.ewc_on import EwcOn
+from models.gpm import GPM
 from models.joint import Joint
 from models.sgd import Sgd
 from models.si import Si
+from models.wsn import WSN
 from utils.main import main
 
 N_TASKS = SequentialSynthetic.N_TASKS
@@ -30,6 +33,9 @@ CASES = {
     "ewc_on": (EwcOn, ("--n_epochs", "1", "--nf", "4", "--e_lambda", "10")),
     "si": (Si, ("--n_epochs", "1", "--nf", "4", "--c", "0.5")),
     "derpp": (Derpp, ("--n_epochs", "1", "--nf", "4", "--buffer_size", "40")),
+    "gpm": (GPM, ("--n_epochs", "1", "--nf", "4", "--gpm_samples", "32")),
+    "adam_nscl": (AdamNSCL, ("--n_epochs", "1", "--nf", "4", "--nscl_samples", "32")),
+    "wsn": (WSN, ("--n_epochs", "1", "--nf", "4")),
 }
 
 

@@ -1,11 +1,22 @@
-"""Thresholded growth of a layer's output-space basis, shared by BMKP and GPM.
+"""Thresholded growth of a layer's representation basis, shared by BMKP, GPM and Adam-NSCL.
 
-The left singular vectors of a layer's output matrix Z (C x N*H*W) and its squared singular
-values are the eigenvectors and eigenvalues of the small C x C Gram matrix Z Z^T, so every
+The left singular vectors of a representation matrix Z (D x columns) and its squared singular
+values are the eigenvectors and eigenvalues of the small D x D Gram matrix Z Z^T, so every
 function here works on that Gram matrix (in float64) and never takes an SVD of Z itself.
 That also lets the Gram matrix be summed over batches instead of storing the activations.
+
+Two representations are used: a layer's outputs (BMKP: D = output channels, one column per
+sample and position) and a conv layer's input patches (GPM, Adam-NSCL: D = in_channels x
+kernel area, one column per sample and output position, i.e. the im2col matrix).
 """
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Mapping
+
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 
 def activation_gram(z: torch.Tensor) -> torch.Tensor:
@@ -22,15 +33,35 @@ def activation_gram(z: torch.Tensor) -> torch.Tensor:
     return columns.T @ columns
 
 
+def patch_gram(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int]:
+    """The float64 Gram matrix of a conv layer's input patches, and how many patches.
+
+    Rows are ordered like conv.weight.reshape(out, -1) columns (channel, kernel row, kernel
+    column), so a basis of this space acts directly on the flattened weight's input side.
+    """
+    if conv.groups != 1 or conv.padding_mode != "zeros":
+        raise ValueError("patch Gram matrices need an ungrouped, zero-padded convolution")
+    patches = F.unfold(x.detach().float(), conv.kernel_size, conv.dilation, conv.padding,
+                       conv.stride)
+    columns = patches.transpose(1, 2).reshape(-1, patches.shape[1]).to(torch.float64)
+    return columns.T @ columns, columns.shape[0]
+
+
 class GramAccumulator:
-    """Sum of activation Gram matrices over batches, so a projection pass stores no outputs."""
+    """Sum of Gram matrices over batches, so a projection pass stores no activations; also
+    counts the columns (representation vectors) summed, for averages such as covariances."""
 
     def __init__(self) -> None:
         self._gram: torch.Tensor | None = None
+        self.columns = 0
 
     def add(self, z: torch.Tensor) -> None:
         """Add the Gram matrix of one batch of layer outputs (shape (N, C, ...))."""
-        gram = activation_gram(z)
+        self.add_gram(activation_gram(z), z.numel() // z.shape[1])
+
+    def add_gram(self, gram: torch.Tensor, columns: int) -> None:
+        """Add a precomputed Gram matrix of `columns` representation vectors."""
+        self.columns += columns
         if self._gram is None:
             self._gram = gram
         elif self._gram.shape != gram.shape:
@@ -45,6 +76,37 @@ class GramAccumulator:
         if self._gram is None:
             raise RuntimeError("no batch was added to the GramAccumulator")
         return self._gram
+
+
+@contextmanager
+def recording_grams(layers: Mapping[str, nn.Module], of: str,
+                    batch_mean: bool = False) -> Iterator[dict[str, GramAccumulator]]:
+    """Accumulate every layer's Gram matrix over the forward passes run inside the block.
+
+    of="output": the layer's outputs (BMKP's output space); of="input": the input patches of
+    each conv layer (GPM's and Adam-NSCL's input space). batch_mean=True first averages each
+    input batch over its samples (what Adam-NSCL's reference code does).
+    """
+    if of not in ("output", "input"):
+        raise ValueError(f"of must be 'output' or 'input', got {of!r}")
+    grams = {name: GramAccumulator() for name in layers}
+
+    def record_input(acc: GramAccumulator, module: nn.Module, args: tuple) -> None:
+        x = args[0].mean(0, keepdim=True) if batch_mean else args[0]
+        acc.add_gram(*patch_gram(x, module))
+
+    if of == "output":
+        hooks = [m.register_forward_hook(lambda _m, _i, out, acc=grams[name]: acc.add(out))
+                 for name, m in layers.items()]
+    else:
+        hooks = [m.register_forward_pre_hook(
+            lambda module, args, acc=grams[name]: record_input(acc, module, args))
+            for name, m in layers.items()]
+    try:
+        yield grams
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _descending_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ from models.bmkp.regularizer import VARIANTS, compaction_loss
 from models.continual_model import ContinualModel, network_bytes
 from utils.args import fraction, non_negative_float, non_negative_int, positive_int
 from utils.errors import UserError
-from utils.subspace import GramAccumulator, update_basis
+from utils.subspace import recording_grams, update_basis
 from utils.training import TrainingContext
 
 # Datasets on which the reference normalises with test-batch statistics (no running stats).
@@ -145,23 +145,8 @@ class BMKP(ContinualModel):
     def _update_bases(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         """Grow every layer's basis from its outputs on `projection_samples` training images
         (the first batches of a shuffled, augmented pass, as in the reference)."""
-        grams = {name: GramAccumulator() for name in self.projected}
-        hooks = [m.register_forward_hook(lambda _m, _i, out, acc=grams[name]: acc.add(out))
-                 for name, m in self.projected.items()]
-        was_training = self.net.training
-        self.net.eval()
-        remaining = self.args.projection_samples
-        try:
-            with torch.no_grad():
-                for x, _, _ in ctx.batches(data, "projection"):
-                    self.net(x[:remaining], task)
-                    remaining -= len(x)
-                    if remaining <= 0:
-                        break
-        finally:
-            for hook in hooks:
-                hook.remove()
-            self.net.train(was_training)
+        with recording_grams(self.projected, "output") as grams:
+            self.forward_samples(data, ctx, self.args.projection_samples, task, augment=True)
         level = self.args.threshold_first if task == 0 else self.args.threshold
         self.memory.set_bases({name: update_basis(acc.gram, self.memory.basis(name), level)
                                for name, acc in grams.items()})

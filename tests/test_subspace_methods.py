@@ -1,0 +1,196 @@
+"""GPM, Adam-NSCL and WSN: GPM's projected gradient has no component in the stored bases and
+barely moves earlier tasks' outputs; Adam-NSCL's updates lie in the null space it computed;
+WSN keeps earlier tasks' predictions bit-identical with masks of the requested density; and
+one end-to-end run of each through main()."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datasets.continual_dataset import to_model_input
+from datasets.seq_synthetic import SequentialSynthetic
+from helpers import assert_one_line_error, synthetic_argv
+from models.adam_nscl import null_space_projector
+from utils.main import build, main
+from utils.subspace import patch_gram
+from utils.training import TrainingContext
+
+CPU = torch.device("cpu")
+
+
+def _context() -> TrainingContext:
+    ctx = TrainingContext(CPU, batch_size=16, eval_batch_size=64, show_progress=False)
+    ctx.phase_times.append({})
+    return ctx
+
+
+def _model(synthetic_args, model: str, *extra: str):
+    torch.manual_seed(0)
+    return build(synthetic_args(*extra, model=model), CPU)
+
+
+def _learn(method, dataset, task: int, ctx: TrainingContext) -> None:
+    data = dataset.train_data(task)
+    method.begin_task(task, data)
+    method.fit_task(task, data, ctx)
+    method.end_task(task, data, ctx)
+
+
+def _batch(dataset, task: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    data = dataset.train_data(task) if split == "train" else dataset.test_data(task)
+    return to_model_input(data.x[:64], channels_last=True), data.y[:64]
+
+
+def _logits(method, dataset, task: int) -> torch.Tensor:
+    method.eval()
+    with torch.inference_mode():
+        out = method(_batch(dataset, task, "test")[0], task)
+    method.train()
+    return out
+
+
+def test_patch_gram_is_the_im2col_matrix_times_its_transpose():
+    conv = torch.nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=False)
+    x = torch.randn(2, 2, 5, 5)
+    gram, columns = patch_gram(x, conv)
+    patches = []
+    padded = F.pad(x, (1, 1, 1, 1))
+    for n in range(2):
+        for i in range(3):
+            for j in range(3):
+                patches.append(padded[n, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3].reshape(-1))
+    expected = torch.stack(patches, 1).double()
+    assert columns == 18
+    torch.testing.assert_close(gram, expected @ expected.T)
+    # Its rows follow the flattened weight: conv(x) at a position is weight.flat @ patch.
+    out = conv(x)
+    torch.testing.assert_close(out[0, :, 0, 0], conv.weight.reshape(3, -1) @ patches[0])
+
+
+def test_gpm_gradient_has_no_component_inside_the_stored_bases(synthetic_args):
+    dataset, gpm = _model(synthetic_args, "gpm", "--gpm_threshold", "0.9", "--n_epochs", "1")
+    ctx = _context()
+    _learn(gpm, dataset, 0, ctx)
+    assert sum(b.shape[1] for b in gpm.bases.values()) > 0
+    gpm.begin_task(1, dataset.train_data(1))
+    x, y = _batch(dataset, 1)
+    gpm.optimizer.zero_grad()
+    F.cross_entropy(gpm.net(x, 1), y).backward()
+    gpm.adjust_gradients()
+    for name, basis in gpm.bases.items():
+        weight = gpm.layers[name].weight
+        grad = weight.grad.reshape(weight.shape[0], -1)
+        inside = grad @ basis
+        assert inside.abs().max() <= 1e-5 * max(grad.abs().max().item(), 1e-12), name
+
+
+def _task0_drift(synthetic_args, model: str, *extra: str) -> float:
+    """Relative change of task 0's test logits while the method learns task 1."""
+    dataset, method = _model(synthetic_args, model, "--bn_running_stats", "0", *extra)
+    ctx = _context()
+    _learn(method, dataset, 0, ctx)
+    before = _logits(method, dataset, 0)
+    _learn(method, dataset, 1, ctx)
+    after = _logits(method, dataset, 0)
+    return ((after - before).norm() / before.norm()).item()
+
+
+def test_gpm_barely_moves_earlier_tasks_outputs(synthetic_args):
+    gpm = _task0_drift(synthetic_args, "gpm", "--gpm_threshold", "0.999")
+    sgd = _task0_drift(synthetic_args, "sgd")
+    assert gpm < 0.2 * sgd, (gpm, sgd)
+
+
+def test_gpm_freezes_shared_batchnorm_after_the_first_task(synthetic_args):
+    dataset, gpm = _model(synthetic_args, "gpm")
+    gpm.begin_task(1, dataset.train_data(1))
+    trained = {id(p) for group in gpm.optimizer.param_groups for p in group["params"]}
+    names = {n for n, p in gpm.net.named_parameters() if id(p) in trained}
+    assert not any(".sets." in n for n in names)
+    assert {n for n in names if n.startswith("heads.")} == {"heads.1.weight", "heads.1.bias"}
+    assert all(f"{n}.weight" in names for n in gpm.layers)
+
+
+def test_null_space_keeps_the_eigenvalues_up_to_ratio_times_the_smallest():
+    basis = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64)).Q
+    covariance = basis @ torch.diag(torch.tensor([1e-3, 5e-3, 1.0, 2.0],
+                                                 dtype=torch.float64)) @ basis.T
+    projector = null_space_projector(covariance, eigen_ratio=10.0, normalize=False)
+    torch.testing.assert_close(projector, basis[:, :2] @ basis[:, :2].T)
+    normalized = null_space_projector(covariance, eigen_ratio=10.0, normalize=True)
+    torch.testing.assert_close(normalized.norm(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_adam_nscl_updates_lie_in_the_computed_null_space(synthetic_args):
+    dataset, nscl = _model(synthetic_args, "adam_nscl", "--n_epochs", "1",
+                           "--nscl_samples", "64", "--nscl_eigen_ratio", "50")
+    ctx = _context()
+    _learn(nscl, dataset, 0, ctx)
+    nscl.begin_task(1, dataset.train_data(1))
+    before = {name: layer.weight.detach().clone() for name, layer in nscl.layers.items()}
+    x, y = _batch(dataset, 1)
+    nscl.optimizer_step(F.cross_entropy(nscl.net(x, 1), y))
+    moved = 0
+    for name, layer in nscl.layers.items():
+        delta = (layer.weight.detach() - before[name]).reshape(before[name].shape[0], -1)
+        covariance = nscl.gram_sums[name] / nscl.columns[name]
+        projector = null_space_projector(covariance, 50.0, normalize=False).float()
+        torch.testing.assert_close(delta @ projector, delta, atol=1e-6, rtol=1e-4)
+        moved += int(delta.abs().max() > 0)
+    assert moved > 0
+
+
+def test_wsn_keeps_earlier_predictions_bit_identical(synthetic_args):
+    dataset, wsn = _model(synthetic_args, "wsn", "--n_epochs", "1", "--sparsity", "0.3")
+    ctx = _context()
+    _learn(wsn, dataset, 0, ctx)
+    first = _logits(wsn, dataset, 0)
+    weights = {n: layer.weight.detach().clone() for n, layer in wsn.layers.items()}
+    for task in (1, 2):
+        _learn(wsn, dataset, task, ctx)
+    assert torch.equal(_logits(wsn, dataset, 0), first)
+    moved_outside = False
+    for name, mask in wsn.masks[0].items():
+        now = wsn.layers[name].weight.detach()
+        assert torch.equal(now[mask], weights[name][mask]), name
+        moved_outside |= not torch.equal(now[~mask], weights[name][~mask])
+    assert moved_outside  # later tasks did learn, outside task 0's subnetwork
+
+
+def test_wsn_masks_have_the_requested_density(synthetic_args):
+    dataset, wsn = _model(synthetic_args, "wsn", "--n_epochs", "1", "--sparsity", "0.25")
+    ctx = _context()
+    for task in (0, 1):
+        _learn(wsn, dataset, task, ctx)
+    for masks in wsn.masks:
+        for name, mask in masks.items():
+            assert mask.dtype == torch.bool
+            assert int(mask.sum()) == round(0.25 * mask.numel()), name
+    bits = sum(m.numel() for masks in wsn.masks for m in masks.values())
+    assert wsn.memory_breakdown()["wsn_masks_packed"] == -(-bits // 8)
+
+
+def test_wsn_refuses_weight_decay(tmp_path, capsys):
+    assert_one_line_error(capsys, main, synthetic_argv(tmp_path, "--optim_wd", "0.1",
+                                                       model="wsn"), "--optim_wd 0")
+
+
+@pytest.mark.parametrize("model,component", [("gpm", "gpm_bases"),
+                                             ("adam_nscl", "nscl_covariance"),
+                                             ("wsn", "wsn_masks_packed")])
+def test_subspace_method_run_writes_a_complete_result(tmp_path, capsys, model, component):
+    results_dir = tmp_path / "results"
+    assert main(synthetic_argv(results_dir, "--nf", "4", "--n_epochs", "1", model=model)) == 0
+    capsys.readouterr()
+    (path,) = [p for p in results_dir.rglob("*") if p.is_file()]
+    result = json.loads(path.read_text())
+    assert result["model"] == model
+    matrix = result["accuracy_matrix"]
+    assert [len(row) for row in matrix] == list(range(1, SequentialSynthetic.N_TASKS + 1))
+    assert all(0.0 <= a <= 100.0 for row in matrix for a in row)
+    breakdown = result["memory"]["breakdown_bytes"]
+    assert breakdown[component] > 0
+    assert result["memory"]["total_mb"] * 2 ** 20 == pytest.approx(sum(breakdown.values()))
