@@ -38,14 +38,22 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = TaskBatchNorm2d(planes, n_bn, running_stats)
         self.shortcut_conv = None
+        self.stride = stride
         if stride != 1 or in_planes != planes:
-            self.shortcut_conv = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+            # The projection shortcut subsamples, then applies a stride-1 1x1 conv: the same
+            # function as a strided 1x1 conv, without the CPU kernel whose channels-last
+            # backward crashes for 2-7 input channels (seen with torch 2.14 on AMD EPYC).
+            self.shortcut_conv = nn.Conv2d(in_planes, planes, 1, bias=False)
             self.shortcut_bn = TaskBatchNorm2d(planes, n_bn, running_stats)
 
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x), task))
         out = self.bn2(self.conv2(out), task)
-        shortcut = x if self.shortcut_conv is None else self.shortcut_bn(self.shortcut_conv(x), task)
+        if self.shortcut_conv is None:
+            shortcut = x
+        else:
+            subsampled = x[:, :, ::self.stride, ::self.stride]
+            shortcut = self.shortcut_bn(self.shortcut_conv(subsampled), task)
         return F.relu(out + shortcut)
 
 

@@ -134,10 +134,6 @@ class AdamNSCL(ContinualModel):
         return {**super().memory_breakdown(),
                 "nscl_covariance": tensor_bytes(self.gram_sums.values())}
 
-    def checkpoint_state(self) -> dict:
-        """begin_task builds the optimizer afresh from the covariances, so it is not saved."""
-        return {**super().checkpoint_state(), "optimizer": None, "scheduler": None}
-
     def get_extra_state(self) -> dict:
         return {"gram_sums": self.gram_sums, "columns": self.columns}
 

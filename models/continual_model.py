@@ -138,18 +138,12 @@ class ContinualModel(nn.Module):
 
     def checkpoint_state(self) -> dict:
         """What the method carries from one task to the next, for --checkpoint_dir: the
-        module's tensors (the network and any registered method state, e.g. penalty anchors)
-        and the optimizer with its schedule. Methods with more state extend it."""
-        return {"model": self.state_dict(),
-                "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
-                "scheduler": None if self.scheduler is None else self.scheduler.state_dict()}
+        module's tensors (the network and any registered method state, e.g. penalty anchors
+        or extra state such as bases). Checkpoints are taken between tasks and every
+        begin_task builds a fresh optimizer, so no optimizer state is saved. Methods with
+        more state extend it."""
+        return {"model": self.state_dict()}
 
     def load_checkpoint_state(self, state: dict) -> None:
-        """Restore checkpoint_state(); a saved optimizer is restored over all network
-        parameters, as reset_optimizer() builds it by default."""
+        """Restore checkpoint_state()."""
         self.load_state_dict(state["model"])
-        if state["optimizer"] is not None:
-            self.reset_optimizer()
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.scheduler is not None:
-                self.scheduler.load_state_dict(state["scheduler"])

@@ -204,10 +204,8 @@ class BMKP(ContinualModel):
         return {"network": network_bytes(self.net), **ltm}
 
     def checkpoint_state(self) -> dict:
-        """Also the long-term memory. The optimizer is left out: at a task's end it may train
-        that task's coefficients, which are done with, and begin_task builds a new one."""
-        return {**super().checkpoint_state(), "optimizer": None, "scheduler": None,
-                "memory": self.memory.state_dict()}
+        """Also the long-term memory."""
+        return {**super().checkpoint_state(), "memory": self.memory.state_dict()}
 
     def load_checkpoint_state(self, state: dict) -> None:
         super().load_checkpoint_state(state)
