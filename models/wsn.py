@@ -43,9 +43,21 @@ def _key(layer_name: str) -> str:
     return layer_name.replace(".", "__")
 
 
+# The reference's settings (ihaeyong/WSN, scripts/wsn/): 5-Datasets with this reduced
+# ResNet-18 (nf 20; CIFAR-10 is one of its five tasks): Adam, lr 0.1, batch 64, up to 100
+# epochs; CIFAR-100 in 10 tasks (with AlexNet): Adam, lr 1e-3, batch 64, 50 epochs. Both
+# decay the lr on a validation plateau, which is not reproduced here. The capacity c is a
+# script argument (default 0.5).
+REFERENCE_RUNS = {
+    "seq-cifar10": dict(lr=0.1, batch_size=64, n_epochs=100, sparsity=0.5),
+    "seq-cifar100": dict(lr=1e-3, batch_size=64, n_epochs=50, sparsity=0.5),
+}
+
+
 class WSN(ContinualModel):
     NAME = "wsn"
-    DEFAULTS = {"per_task_bn": 1, "bn_running_stats": 0}
+    DEFAULTS = {"per_task_bn": 1, "bn_running_stats": 0, "lr": 1e-3}
+    BEST_CONFIGS = REFERENCE_RUNS
 
     @staticmethod
     def add_arguments(parser: argparse._ActionsContainer) -> None:
@@ -93,7 +105,11 @@ class WSN(ContinualModel):
         return self._masked_forward(x, task, self._current_masks(straight_through=False))
 
     def begin_task(self, task: int, data: TaskData) -> None:
-        self.reset_optimizer([*self.net.parameters(), *self.scores.parameters()])
+        """A fresh Adam (the reference's optimizer) over weights, scores, heads and BN. Frozen
+        weights get zero gradients from the first step, so Adam never moves them."""
+        self.optimizer = torch.optim.Adam([*self.net.parameters(), *self.scores.parameters()],
+                                          lr=self.args.lr)
+        self.scheduler = None
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: int) -> torch.Tensor:
         logits = self._masked_forward(x, task, self._current_masks(straight_through=True))
