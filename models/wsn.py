@@ -8,8 +8,8 @@ earlier task's weights W * m_t never change: its predictions stay bit-identical.
 
 Each task has its own head and, by default, its own BatchNorm set normalising with batch
 statistics, as the reference's BatchNorm does (it tracks no running statistics); a set per
-task keeps the forget-free property while its affine parameters learn. Masks are reported packed as
-bits, as the paper counts them (without its extra Huffman compression); the scores, kept to
+task keeps the forget-free property while its affine parameters learn. Masks are reported
+packed as bits, as the paper counts them (without its extra Huffman compression); the scores, kept to
 learn later tasks, are reported too.
 """
 from __future__ import annotations
@@ -89,7 +89,9 @@ class WSN(ContinualModel):
         for name in self.layers:
             score = self._score(name)
             mask = top_fraction_mask(score, self.args.sparsity).to(score.dtype)
-            masks[name] = mask + score - score.detach() if straight_through else mask
+            # Straight through |score|: the mask's gradient reaches |score|, which ranks.
+            magnitude = score.abs()
+            masks[name] = mask + magnitude - magnitude.detach() if straight_through else mask
         return masks
 
     def _masked_forward(self, x: torch.Tensor, task: int,

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from datasets.continual_dataset import to_model_input
 from datasets.seq_synthetic import SequentialSynthetic
@@ -171,6 +172,26 @@ def test_wsn_masks_have_the_requested_density(synthetic_args):
             assert int(mask.sum()) == round(0.25 * mask.numel()), name
     bits = sum(m.numel() for masks in wsn.masks for m in masks.values())
     assert wsn.memory_breakdown()["wsn_masks_packed"] == -(-bits // 8)
+
+
+def test_wsn_gradients_pass_straight_through_the_mask(synthetic_args):
+    """Weights get the masked gradient g * m; scores get g * W * sign(score), the gradient
+    of |score| passed straight through the top-k mask (g: gradient of the masked weight)."""
+    dataset, wsn = _model(synthetic_args, "wsn")
+    x, y = _batch(dataset, 0)
+    masks = wsn._current_masks(straight_through=True)
+    F.cross_entropy(wsn._masked_forward(x, 0, masks), y).backward()
+    hard = wsn._current_masks(straight_through=False)
+    effective = {f"{n}.weight": (c.weight.detach() * hard[n]).requires_grad_()
+                 for n, c in wsn.layers.items()}
+    F.cross_entropy(functional_call(wsn.net, effective, (x, 0)), y).backward()
+    for name, conv in wsn.layers.items():
+        g = effective[f"{name}.weight"].grad
+        score = wsn._score(name)
+        # (mask + |s|) - |s| is the mask up to one rounding, hence the tolerance.
+        torch.testing.assert_close(conv.weight.grad, g * hard[name], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(score.grad, g * conv.weight.detach() * score.detach().sign(),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_wsn_refuses_weight_decay(tmp_path, capsys):
