@@ -22,6 +22,14 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def check_finite(loss: torch.Tensor | None, where: str) -> None:
+    """Stop a diverged run with a clear error instead of writing chance-level results; checked
+    once per epoch, on its last loss, so the step loop never waits for the device."""
+    if loss is not None and not bool(torch.isfinite(loss).all()):
+        raise UserError(f"training diverged in {where}: the loss is {loss.item()}; lower --lr "
+                        "or the method's regularisation weight")
+
+
 def network_bytes(module: nn.Module) -> int:
     """Parameters plus floating-point buffers (e.g. BatchNorm running statistics)."""
     buffers = (b for b in module.buffers() if b.is_floating_point())
@@ -92,9 +100,11 @@ class ContinualModel(nn.Module):
         """
         self.train()
         for epoch in range(n_epochs):
+            loss = None
             for x, y, t in ctx.batches(data, f"{label} {epoch + 1}/{n_epochs}"):
                 with ctx.autocast():
-                    step(x, y, t if task is None else task)
+                    loss = step(x, y, t if task is None else task)
+            check_finite(loss, f"{ctx.task_label} {label} {epoch + 1}".strip())
             if self.scheduler is not None:
                 self.scheduler.step()
 

@@ -1,10 +1,13 @@
 """Online EWC (Schwarz et al., 2018): a running diagonal Fisher anchors the shared weights.
 
-After each task the diagonal empirical Fisher of the task's training data (squared gradients of
-the log-likelihood of the true labels) is added to the decayed running one,
-F = gamma * F + F_task, and the anchor moves to the current weights; every later step adds
-e_lambda * sum_i F_i (theta_i - anchor_i)^2 to the loss. The penalty has no 1/2 factor, as in
-mammoth, so its published e_lambda values apply unchanged.
+After each task the diagonal Fisher of the task's training data is added to the decayed
+running one, F = gamma * F + F_task, and the anchor moves to the current weights; every later
+step adds e_lambda * sum_i F_i (theta_i - anchor_i)^2 to the loss. F_task is mammoth's
+estimator: each sample's squared gradient of the log-likelihood of its true label, weighted
+by that label's probability p(y|x), then averaged. The weighting matters: misclassified
+samples have the largest gradients, and without it the Fisher is large enough that mammoth's
+published lr and e_lambda (0.03, 10 on Seq-CIFAR-10) diverge (measured: a NaN model after
+the second task). The penalty has no 1/2 factor, as in mammoth, so those values apply.
 
 Only shared parameters are anchored (see models/penalty.py): in Task-IL a task's own head
 never moves after the task, so its Fisher would weigh a difference that is always zero.
@@ -13,8 +16,9 @@ The Fisher uses the un-augmented training images in eval mode (BatchNorm with it
 statistics, which the pass leaves untouched; with --bn_running_stats 0, the batch's). With
 --fisher_batch_size 1 (the default) each sample's gradient is squared: the exact empirical
 Fisher. With B > 1 it squares the gradient of a batch's summed log-likelihood divided by
-sqrt(B): the per-sample average plus cross terms between samples, which vanish in expectation
-when the mean gradient does (near the end of training), for B times fewer backward passes.
+sqrt(B), weighted by exp of the batch's mean log-likelihood: the per-sample average plus cross
+terms between samples, which vanish in expectation when the mean gradient does (near the end
+of training), for B times fewer backward passes.
 """
 from __future__ import annotations
 
@@ -70,8 +74,9 @@ class EwcOn(PenaltyModel):
             with ctx.autocast():
                 log_likelihood = -F.cross_entropy(self.net(x, task), y, reduction="sum")
             grads = torch.autograd.grad(log_likelihood, params)
+            label_probability = torch.exp(log_likelihood.detach() / len(y))
             for f, g in zip(fisher, grads):
-                f.add_(g.pow(2), alpha=1.0 / len(y))
+                f.add_(g.pow(2) * label_probability / len(y))
             seen += 1
         self.train(was_training)
         return [f / seen for f in fisher]

@@ -72,14 +72,15 @@ def test_shared_parameters_leave_out_heads_and_per_task_batchnorm(synthetic_args
 
 
 def _independent_fisher(method, data: TaskData, task: int) -> list[torch.Tensor]:
-    """Mean over samples of the squared gradient of log p(y|x), one sample at a time."""
+    """Mean over samples of p(y|x) times the squared gradient of log p(y|x) (mammoth's
+    estimator), one sample at a time."""
     params = list(shared_parameters(method.net).values())
     method.eval()
     fisher = [torch.zeros_like(p) for p in params]
     for x, y in zip(_images(data), data.y):
         log_p = F.log_softmax(method.net(x[None], task), dim=1)[0, y]
         for f, g in zip(fisher, torch.autograd.grad(log_p, params)):
-            f += g.pow(2) / len(data)
+            f += log_p.detach().exp() * g.pow(2) / len(data)
     method.train()
     return fisher
 
@@ -114,8 +115,9 @@ def test_batched_fisher_of_one_batch_is_the_squared_summed_gradient(synthetic_ar
     method.eval()
     log_likelihood = F.log_softmax(method.net(_images(data), 0), dim=1)[torch.arange(4), data.y]
     grads = torch.autograd.grad(log_likelihood.sum(), params)
+    weight = log_likelihood.detach().mean().exp()
     for f, g in zip(method.fisher(0, data, _context()), grads):
-        torch.testing.assert_close(f, g.pow(2) / 4)
+        torch.testing.assert_close(f, weight * g.pow(2) / 4)
 
 
 def test_si_importance_of_one_plain_sgd_step(synthetic_args):

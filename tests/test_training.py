@@ -12,7 +12,7 @@ import torch
 import utils.results as results
 from backbone import build_backbone
 from datasets.seq_synthetic import SequentialSynthetic
-from helpers import synthetic_argv
+from helpers import assert_one_line_error, synthetic_argv
 from models.sgd import Sgd
 from utils.args import parse_args
 from utils.main import main
@@ -176,3 +176,10 @@ def test_failed_atomic_write_keeps_the_previous_file(tmp_path, monkeypatch, exc)
         write_json_atomic({"run": 2}, path)
     assert json.loads(path.read_text()) == {"run": 1, "path": "x"}
     assert _files(tmp_path / "out") == [path]
+
+
+def test_a_diverged_run_stops_with_a_clear_error(tmp_path, capsys):
+    """A NaN loss ends the run with one line naming the fix, and no result is written."""
+    argv = synthetic_argv(tmp_path / "results", "--lr", "1e30", "--n_epochs", "1")
+    assert_one_line_error(capsys, main, argv, "training diverged", "lower --lr")
+    assert not (tmp_path / "results").exists()
