@@ -11,7 +11,10 @@ trained on the first task only; each task has its own head; plain SGD. Departure
 reference subsamples 10 or 50 of its 100 examples for the early layers, to keep the matrices
 it takes SVDs of small; Gram matrices have no such cost, so every layer uses all
 --gpm_samples. Its validation-based learning-rate decay with early stopping is not
-reproduced (the framework's --lr_step schedule is available instead).
+reproduced (the framework's --lr_step schedule is available instead). The framework feeds
+images in [0, 1] without the reference's per-channel mean/std normalisation, so the stem's
+uncentred input energy is dominated by the mean and its basis keeps fewer directions at the
+same threshold.
 """
 from __future__ import annotations
 
