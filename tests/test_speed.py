@@ -45,7 +45,13 @@ def train(args: argparse.Namespace) -> tuple[ContinualModel, SequentialDataset, 
     dataset, model = build(args, CPU)
     losses: list[float] = []
     step = model.observe
-    model.observe = lambda x, y, task: losses.append(step(x, y, task).item()) or losses[-1]
+
+    def recording_step(x: torch.Tensor, y: torch.Tensor, task: int) -> torch.Tensor:
+        loss = step(x, y, task)
+        losses.append(loss.item())
+        return loss
+
+    model.observe = recording_step
     metrics = run_tasks(model, dataset, context(args), log=lambda *a: None)
     return model, dataset, metrics, losses
 
