@@ -217,7 +217,8 @@ def acc_cell(g: Group | None, ref: dict | None) -> str:
     if n != seeds:
         count = f"{n} runs, {count}"
     flags = "".join(f" [{f}]" for f in g.flags)
-    return f"{acc['mean']:.2f} +- {acc['std']:.2f} ({count}){flags}"
+    spread = "" if n == 1 else f" +- {acc['std']:.2f}"  # one run has no spread to show
+    return f"{acc['mean']:.2f}{spread} ({count}){flags}"
 
 
 def memory_cell(g: Group | None, ref: dict | None) -> str:
