@@ -3,6 +3,7 @@ and what an interrupted run leaves behind."""
 from __future__ import annotations
 
 import json
+import os
 import types
 from pathlib import Path
 
@@ -183,3 +184,12 @@ def test_a_diverged_run_stops_with_a_clear_error(tmp_path, capsys):
     argv = synthetic_argv(tmp_path / "results", "--lr", "1e30", "--n_epochs", "1")
     assert_one_line_error(capsys, main, argv, "training diverged", "lower --lr")
     assert not (tmp_path / "results").exists()
+
+
+def test_results_get_the_usual_file_permissions(tmp_path):
+    """Atomic writes go through an owner-only temporary file; the result must not stay so."""
+    path = tmp_path / "r.json"
+    write_json_atomic({"a": 1}, path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -21,6 +21,12 @@ def environment(device: torch.device) -> dict:
     return info
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
     """Call `write` on a temporary file in the same folder, then rename it into place, so an
     interrupted or failed write leaves the previous file (or none), never half of one."""
@@ -31,6 +37,7 @@ def write_atomic(path: Path, write: Callable[[IO], None], binary: bool = False) 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a result is not
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
