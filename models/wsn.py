@@ -9,8 +9,8 @@ earlier task's weights W * m_t never change: its predictions stay bit-identical.
 Each task has its own head and, by default, its own BatchNorm set normalising with batch
 statistics, as the reference's BatchNorm does (it tracks no running statistics); a set per
 task keeps the forget-free property while its affine parameters learn. Masks are reported
-packed as bits, as the paper counts them (without its extra Huffman compression); the scores, kept to
-learn later tasks, are reported too.
+packed as bits, as the paper counts them (without its extra Huffman compression); the
+scores, kept to learn later tasks, are reported too.
 """
 from __future__ import annotations
 
