@@ -10,6 +10,10 @@ import torch
 from PIL import Image
 
 from utils.args import parse_args
+from utils.main import build
+from utils.training import TrainingContext
+
+CPU = torch.device("cpu")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,3 +77,16 @@ def real_folder(real_data: Path, name: str) -> Path:
         pytest.fail(f"{folder} is missing: the real-data folder must hold an unpacked "
                     "../shared/data (cifar10-jpeg/, cifar100-jpeg/, tiny-imagenet-200/)")
     return folder
+
+
+def cpu_context() -> TrainingContext:
+    """A quiet CPU training context with one task's phase timers open."""
+    ctx = TrainingContext(CPU, batch_size=16, eval_batch_size=64, show_progress=False)
+    ctx.phase_times.append({})
+    return ctx
+
+
+def build_on_cpu(synthetic_args, model: str, *extra: str):
+    """The synthetic dataset and a method around a fresh small backbone (seed 0)."""
+    torch.manual_seed(0)
+    return build(synthetic_args(*extra, model=model), CPU)

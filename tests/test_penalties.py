@@ -12,27 +12,12 @@ import torch.nn.functional as F
 from backbone import build_backbone
 from datasets.continual_dataset import TaskData
 from datasets.seq_synthetic import SequentialSynthetic
-from helpers import assert_one_line_error, synthetic_argv
+from helpers import assert_one_line_error, build_on_cpu, cpu_context, synthetic_argv
 from models.penalty import QuadraticPenalty, shared_parameters
 from test_training import _check_result, _network_bytes, _run
 from utils.args import parse_args
-from utils.main import build, main
-from utils.training import TrainingContext
+from utils.main import main
 
-CPU = torch.device("cpu")
-
-
-def _context() -> TrainingContext:
-    ctx = TrainingContext(CPU, batch_size=16, eval_batch_size=64, show_progress=False)
-    ctx.phase_times.append({})
-    return ctx
-
-
-def _model(synthetic_args, model: str, *extra: str):
-    """A method around a fresh small backbone, and the synthetic dataset."""
-    torch.manual_seed(0)
-    dataset, method = build(synthetic_args(*extra, model=model), CPU)
-    return dataset, method
 
 
 def _images(data: TaskData) -> torch.Tensor:
@@ -64,7 +49,7 @@ def test_penalty_is_zero_at_the_anchor_and_quadratic_away_from_it():
 
 
 def test_shared_parameters_leave_out_heads_and_per_task_batchnorm(synthetic_args):
-    _, method = _model(synthetic_args, "sgd", "--per_task_bn", "1")
+    _, method = build_on_cpu(synthetic_args, "sgd", "--per_task_bn", "1")
     names = list(shared_parameters(method.net))
     assert names and all(not n.startswith("heads.") and ".sets." not in n for n in names)
     assert sum(".weight" in n and "conv" in n for n in names) == \
@@ -86,8 +71,8 @@ def _independent_fisher(method, data: TaskData, task: int) -> list[torch.Tensor]
 
 
 def test_online_fisher_decays_with_gamma(synthetic_args):
-    dataset, method = _model(synthetic_args, "ewc_on", "--gamma", "0.5")
-    ctx = _context()
+    dataset, method = build_on_cpu(synthetic_args, "ewc_on", "--gamma", "0.5")
+    ctx = cpu_context()
     first = dataset.train_data(0).subset(torch.arange(6))
     second = dataset.train_data(1).subset(torch.arange(6))
 
@@ -109,14 +94,14 @@ def test_online_fisher_decays_with_gamma(synthetic_args):
 
 
 def test_batched_fisher_of_one_batch_is_the_squared_summed_gradient(synthetic_args):
-    dataset, method = _model(synthetic_args, "ewc_on", "--fisher_batch_size", "4")
+    dataset, method = build_on_cpu(synthetic_args, "ewc_on", "--fisher_batch_size", "4")
     data = dataset.train_data(0).subset(torch.arange(4))
     params = list(shared_parameters(method.net).values())
     method.eval()
     log_likelihood = F.log_softmax(method.net(_images(data), 0), dim=1)[torch.arange(4), data.y]
     grads = torch.autograd.grad(log_likelihood.sum(), params)
     weight = log_likelihood.detach().mean().exp()
-    for f, g in zip(method.fisher(0, data, _context()), grads):
+    for f, g in zip(method.fisher(0, data, cpu_context()), grads):
         torch.testing.assert_close(f, weight * g.pow(2) / 4)
 
 
@@ -124,7 +109,7 @@ def test_si_importance_of_one_plain_sgd_step(synthetic_args):
     """One step of momentum-free SGD moves each weight by -lr * g, so omega = lr * g^2 >= 0 and
     the importance is lr * g^2 / ((lr * g)^2 + xi)."""
     lr, xi = 0.01, 0.5
-    dataset, method = _model(synthetic_args, "si", "--lr", str(lr), "--xi", str(xi))
+    dataset, method = build_on_cpu(synthetic_args, "si", "--lr", str(lr), "--xi", str(xi))
     data = dataset.train_data(0).subset(torch.arange(16))
     x, y = _images(data), data.y
     params = method.penalty.params
@@ -134,7 +119,7 @@ def test_si_importance_of_one_plain_sgd_step(synthetic_args):
     before = F.cross_entropy(method.net(x, 0), y).item()
     method.observe(x, y, 0)
     assert F.cross_entropy(method.net(x, 0), y).item() < before
-    method.end_task(0, data, _context())
+    method.end_task(0, data, cpu_context())
 
     importance = method.penalty.importance
     for w, g in zip(importance, grads):
@@ -151,11 +136,11 @@ def test_si_importance_of_one_plain_sgd_step(synthetic_args):
 
 def test_si_path_integral_ignores_the_penalty_gradient(synthetic_args):
     """With the penalty active omega still accumulates -g_task * delta, not -g_total * delta."""
-    dataset, method = _model(synthetic_args, "si", "--c", "100")
+    dataset, method = build_on_cpu(synthetic_args, "si", "--c", "100")
     data = dataset.train_data(0).subset(torch.arange(8))
     x, y = _images(data), data.y
     method.begin_task(0, data)
-    method.end_task(0, data, _context())
+    method.end_task(0, data, cpu_context())
     _perturb(method.net)  # away from the anchor: a large penalty gradient
     method.begin_task(1, data)
     method.train()
@@ -168,8 +153,8 @@ def test_si_path_integral_ignores_the_penalty_gradient(synthetic_args):
 
 
 def test_lwf_targets_come_from_the_network_before_the_task(synthetic_args):
-    dataset, method = _model(synthetic_args, "lwf")
-    ctx = _context()
+    dataset, method = build_on_cpu(synthetic_args, "lwf")
+    ctx = cpu_context()
     first = dataset.train_data(0).subset(torch.arange(16))
     x = _images(dataset.train_data(1).subset(torch.arange(8)))
     method.begin_task(0, first)

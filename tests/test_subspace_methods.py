@@ -13,24 +13,12 @@ from torch.func import functional_call
 
 from datasets.continual_dataset import to_model_input
 from datasets.seq_synthetic import SequentialSynthetic
-from helpers import assert_one_line_error, synthetic_argv
+from helpers import assert_one_line_error, build_on_cpu, cpu_context, synthetic_argv
 from models.adam_nscl import null_space_projector
-from utils.main import build, main
+from utils.main import main
 from utils.subspace import patch_gram
 from utils.training import TrainingContext
 
-CPU = torch.device("cpu")
-
-
-def _context() -> TrainingContext:
-    ctx = TrainingContext(CPU, batch_size=16, eval_batch_size=64, show_progress=False)
-    ctx.phase_times.append({})
-    return ctx
-
-
-def _model(synthetic_args, model: str, *extra: str):
-    torch.manual_seed(0)
-    return build(synthetic_args(*extra, model=model), CPU)
 
 
 def _learn(method, dataset, task: int, ctx: TrainingContext) -> None:
@@ -72,8 +60,8 @@ def test_patch_gram_is_the_im2col_matrix_times_its_transpose():
 
 
 def test_gpm_gradient_has_no_component_inside_the_stored_bases(synthetic_args):
-    dataset, gpm = _model(synthetic_args, "gpm", "--gpm_threshold", "0.9", "--n_epochs", "1")
-    ctx = _context()
+    dataset, gpm = build_on_cpu(synthetic_args, "gpm", "--gpm_threshold", "0.9", "--n_epochs", "1")
+    ctx = cpu_context()
     _learn(gpm, dataset, 0, ctx)
     assert sum(b.shape[1] for b in gpm.bases.values()) > 0
     gpm.begin_task(1, dataset.train_data(1))
@@ -90,8 +78,8 @@ def test_gpm_gradient_has_no_component_inside_the_stored_bases(synthetic_args):
 
 def _task0_drift(synthetic_args, model: str, *extra: str) -> float:
     """Relative change of task 0's test logits while the method learns task 1."""
-    dataset, method = _model(synthetic_args, model, "--bn_running_stats", "0", *extra)
-    ctx = _context()
+    dataset, method = build_on_cpu(synthetic_args, model, "--bn_running_stats", "0", *extra)
+    ctx = cpu_context()
     _learn(method, dataset, 0, ctx)
     before = _logits(method, dataset, 0)
     _learn(method, dataset, 1, ctx)
@@ -106,7 +94,7 @@ def test_gpm_barely_moves_earlier_tasks_outputs(synthetic_args):
 
 
 def test_gpm_freezes_shared_batchnorm_after_the_first_task(synthetic_args):
-    dataset, gpm = _model(synthetic_args, "gpm")
+    dataset, gpm = build_on_cpu(synthetic_args, "gpm")
     gpm.begin_task(1, dataset.train_data(1))
     trained = {id(p) for group in gpm.optimizer.param_groups for p in group["params"]}
     names = {n for n, p in gpm.net.named_parameters() if id(p) in trained}
@@ -126,9 +114,9 @@ def test_null_space_keeps_the_eigenvalues_up_to_ratio_times_the_smallest():
 
 
 def test_adam_nscl_updates_lie_in_the_computed_null_space(synthetic_args):
-    dataset, nscl = _model(synthetic_args, "adam_nscl", "--n_epochs", "1",
+    dataset, nscl = build_on_cpu(synthetic_args, "adam_nscl", "--n_epochs", "1",
                            "--nscl_samples", "64", "--nscl_eigen_ratio", "50")
-    ctx = _context()
+    ctx = cpu_context()
     _learn(nscl, dataset, 0, ctx)
     nscl.begin_task(1, dataset.train_data(1))
     before = {name: layer.weight.detach().clone() for name, layer in nscl.layers.items()}
@@ -145,8 +133,8 @@ def test_adam_nscl_updates_lie_in_the_computed_null_space(synthetic_args):
 
 
 def test_wsn_keeps_earlier_predictions_bit_identical(synthetic_args):
-    dataset, wsn = _model(synthetic_args, "wsn", "--n_epochs", "1", "--sparsity", "0.3")
-    ctx = _context()
+    dataset, wsn = build_on_cpu(synthetic_args, "wsn", "--n_epochs", "1", "--sparsity", "0.3")
+    ctx = cpu_context()
     _learn(wsn, dataset, 0, ctx)
     first = _logits(wsn, dataset, 0)
     weights = {n: layer.weight.detach().clone() for n, layer in wsn.layers.items()}
@@ -162,8 +150,8 @@ def test_wsn_keeps_earlier_predictions_bit_identical(synthetic_args):
 
 
 def test_wsn_masks_have_the_requested_density(synthetic_args):
-    dataset, wsn = _model(synthetic_args, "wsn", "--n_epochs", "1", "--sparsity", "0.25")
-    ctx = _context()
+    dataset, wsn = build_on_cpu(synthetic_args, "wsn", "--n_epochs", "1", "--sparsity", "0.25")
+    ctx = cpu_context()
     for task in (0, 1):
         _learn(wsn, dataset, task, ctx)
     for masks in wsn.masks:
@@ -177,7 +165,7 @@ def test_wsn_masks_have_the_requested_density(synthetic_args):
 def test_wsn_gradients_pass_straight_through_the_mask(synthetic_args):
     """Weights get the masked gradient g * m; scores get g * W * sign(score), the gradient
     of |score| passed straight through the top-k mask (g: gradient of the masked weight)."""
-    dataset, wsn = _model(synthetic_args, "wsn")
+    dataset, wsn = build_on_cpu(synthetic_args, "wsn")
     x, y = _batch(dataset, 0)
     masks = wsn._current_masks(straight_through=True)
     F.cross_entropy(wsn._masked_forward(x, 0, masks), y).backward()
