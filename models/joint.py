@@ -5,6 +5,7 @@ import copy
 
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.continual_model import ContinualModel, tensor_bytes
+from models.sgd import MAMMOTH_BEST
 from utils.training import TrainingContext
 
 
@@ -12,6 +13,8 @@ class Joint(ContinualModel):
     NAME = "joint"
     DEFAULTS = {"per_task_bn": 0}
     SHARED_BN_REASON = "trains on batches mixing tasks"
+    # The same network trained by plain SGD: sgd's values (mammoth publishes none for joint).
+    BEST_CONFIGS = MAMMOTH_BEST
 
     def __init__(self, net, dataset: SequentialDataset, args: argparse.Namespace) -> None:
         super().__init__(net, dataset, args)
