@@ -17,11 +17,10 @@ never moves after the task, so its Fisher would weigh a difference that is alway
 The Fisher uses the un-augmented training images in eval mode (BatchNorm with its running
 statistics, which the pass leaves untouched; with --bn_running_stats 0, the batch's). With
 --fisher_batch_size 1 (the default) each sample's gradient is squared: the exact empirical
-Fisher, with the per-sample gradients of a whole batch computed at once by torch.func.vmap.
-With B > 1 it squares the gradient of a batch's summed log-likelihood divided by sqrt(B),
-weighted by exp of the batch's mean log-likelihood: the per-sample average plus cross terms
-between samples, which vanish in expectation when the mean gradient does (near the end of
-training), for B times less work.
+Fisher. With B > 1 it squares the gradient of a batch's summed log-likelihood divided by
+sqrt(B), weighted by exp of the batch's mean log-likelihood: the per-sample average plus cross
+terms between samples, which vanish in expectation when the mean gradient does (near the end
+of training), for B times fewer backward passes.
 """
 from __future__ import annotations
 
@@ -29,10 +28,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
 
 from datasets.continual_dataset import TaskData
-from models.penalty import PenaltyModel, shared_parameters
+from models.penalty import PenaltyModel
 from utils.args import fraction, non_negative_float, positive_int
 from utils.training import TrainingContext
 
@@ -68,44 +66,10 @@ class EwcOn(PenaltyModel):
 
     def fisher(self, task: int, data: TaskData, ctx: TrainingContext) -> list[torch.Tensor]:
         """Diagonal empirical Fisher of the shared parameters on `data` (one task's images)."""
-        was_training = self.training
-        self.eval()
-        try:
-            if self.args.fisher_batch_size == 1:
-                return self._per_sample_fisher(task, data, ctx)
-            return self._batched_fisher(task, data, ctx)
-        finally:
-            self.train(was_training)
-
-    def _per_sample_fisher(self, task: int, data: TaskData,
-                           ctx: TrainingContext) -> list[torch.Tensor]:
-        """Each sample's own gradient, computed for a whole batch at once by vmap: the same
-        numbers as one backward pass per sample, with batch-sized passes."""
-        shared = {name: p.detach() for name, p in shared_parameters(self.net).items()}
-
-        def log_likelihood(weights: dict, x: torch.Tensor, y: torch.Tensor):
-            logits = functional_call(self.net, weights, (x[None], task))
-            value = -F.cross_entropy(logits, y[None])
-            return value, value.detach()
-
-        per_sample_grads = vmap(grad(log_likelihood, has_aux=True), in_dims=(None, 0, 0))
-        fisher = {name: torch.zeros_like(p) for name, p in shared.items()}
-        for x, y, _ in ctx.batches(data, "fisher", batch_size=ctx.eval_batch_size,
-                                   shuffle=False, augment=False):
-            with ctx.autocast():
-                grads, values = per_sample_grads(shared, x, y)
-            label_probability = values.exp()
-            for name, f in fisher.items():
-                g = grads[name]
-                weight = label_probability.view(-1, *[1] * (g.dim() - 1))
-                f.add_((weight * g.pow(2)).sum(0))
-        return [f / len(data) for f in fisher.values()]
-
-    def _batched_fisher(self, task: int, data: TaskData,
-                        ctx: TrainingContext) -> list[torch.Tensor]:
-        """The --fisher_batch_size B > 1 approximation (module docstring)."""
         params = self.penalty.params
         fisher = [torch.zeros_like(p) for p in params]
+        was_training = self.training
+        self.eval()
         seen = 0
         for x, y, _ in ctx.batches(data, "fisher", batch_size=self.args.fisher_batch_size,
                                    shuffle=False, augment=False):
@@ -116,4 +80,5 @@ class EwcOn(PenaltyModel):
             for f, g in zip(fisher, grads):
                 f.add_(g.pow(2) * label_probability / len(y))
             seen += 1
+        self.train(was_training)
         return [f / seen for f in fisher]
