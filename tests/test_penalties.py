@@ -19,7 +19,6 @@ from utils.args import parse_args
 from utils.main import main
 
 
-
 def _images(data: TaskData) -> torch.Tensor:
     return data.x.float() / 255
 

@@ -20,7 +20,6 @@ from utils.subspace import patch_gram
 from utils.training import TrainingContext
 
 
-
 def _learn(method, dataset, task: int, ctx: TrainingContext) -> None:
     data = dataset.train_data(task)
     method.begin_task(task, data)
