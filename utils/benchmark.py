@@ -92,8 +92,8 @@ def measure(args: argparse.Namespace, steps: int, real: bool, task_images: int) 
     model.train_epochs(first, ctx, 1, model.observe, 0)
     if hasattr(model, "project_task"):
         report["projection_s"] = timed(device, lambda: model.project_task(0, first, ctx))
-    else:
-        model.end_task(0, first, ctx)
+    else:  # EWC's Fisher, GEM's memory, ...
+        report["end_task_s"] = timed(device, lambda: model.end_task(0, first, ctx))
 
     model.begin_task(1, second)
     model.train()
