@@ -23,12 +23,13 @@ Fisher. On CPU that is one backward pass per sample (vmap gains little there: 0.
 chunk size, 128 CIFAR images, one thread). On CUDA such a loop is bound by kernel launches (6.5
 ms per image on an H200), so torch.func.vmap computes the per-sample gradients of VMAP_CHUNK
 images at once: 2,048 CIFAR images took 0.89 s instead of 13.4 s there, the two agreeing to
-2e-3 relative (6e-5 on CPU; cuDNN's convolutions round to TF32 by default). That run let
-autograd record the accumulation (peak allocation 8 to 32 GiB); it now runs under no_grad, not
-yet measured on a GPU. With B > 1 it squares the gradient of a batch's summed log-likelihood
-divided by sqrt(B), weighted by exp of the batch's mean log-likelihood: the per-sample average
-plus cross terms between samples, which vanish in expectation when the mean gradient does (near
-the end of training), for B times fewer backward passes.
+2e-3 relative (6e-5 on CPU; cuDNN's convolutions round to TF32 by default). Those timings are
+of a version that let autograd record the accumulation (peak allocation 8 to 32 GiB); it now
+runs under no_grad, whose GPU time and memory are not measured yet. With B > 1 it squares the
+gradient of a batch's summed log-likelihood divided by sqrt(B), weighted by exp of the batch's
+mean log-likelihood: the per-sample average plus cross terms between samples, which vanish in
+expectation when the mean gradient does (near the end of training), for B times fewer backward
+passes.
 """
 from __future__ import annotations
 
