@@ -1,7 +1,9 @@
 """ResNet-18/34 of BasicBlocks with a CIFAR stem, optional per-task BatchNorm and Task-IL heads.
 
 `nf` is the base width: 20 gives the reduced ResNet-18 of GPM and BMKP (1,090,140 conv
-weights), 64 the standard one. The stem is a 3x3 conv without max-pool; features are average
+weights), 64 the standard one. `identity_shortcut=False` builds the BMKP reference code's
+variant: a block whose input and output shapes match adds nothing to its residual branch
+(only blocks that change shape keep their 1x1 projection shortcut). The stem is a 3x3 conv without max-pool; features are average
 pooled to 2x2 before the classifier (for 32x32 inputs this is the reference's 2x2 pooling of
 the 4x4 map), so 32x32 and 64x64 inputs use the same head size.
 """
@@ -31,8 +33,9 @@ class TaskBatchNorm2d(nn.Module):
 
 class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int, n_bn: int,
-                 running_stats: bool) -> None:
+                 running_stats: bool, identity_shortcut: bool = True) -> None:
         super().__init__()
+        self.identity_shortcut = identity_shortcut
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn1 = TaskBatchNorm2d(planes, n_bn, running_stats)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
@@ -49,12 +52,12 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x), task))
         out = self.bn2(self.conv2(out), task)
-        if self.shortcut_conv is None:
-            shortcut = x
-        else:
+        if self.shortcut_conv is not None:
             subsampled = x[:, :, ::self.stride, ::self.stride]
-            shortcut = self.shortcut_bn(self.shortcut_conv(subsampled), task)
-        return F.relu(out + shortcut)
+            out = out + self.shortcut_bn(self.shortcut_conv(subsampled), task)
+        elif self.identity_shortcut:
+            out = out + x
+        return F.relu(out)
 
 
 class ResNet(nn.Module):
@@ -66,7 +69,7 @@ class ResNet(nn.Module):
 
     def __init__(self, depth: str, nf: int, n_tasks: int, classes_per_task: int,
                  per_task_bn: bool = False, bn_running_stats: bool = True,
-                 in_channels: int = 3) -> None:
+                 in_channels: int = 3, identity_shortcut: bool = True) -> None:
         super().__init__()
         self.n_tasks = n_tasks
         self.classes_per_task = classes_per_task
@@ -80,7 +83,8 @@ class ResNet(nn.Module):
             planes = nf * 2 ** stage
             for i in range(n_blocks):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(BasicBlock(in_planes, planes, stride, n_bn, bn_running_stats))
+                blocks.append(BasicBlock(in_planes, planes, stride, n_bn, bn_running_stats,
+                                         identity_shortcut))
                 in_planes = planes
         self.blocks = nn.ModuleList(blocks)
         self.feature_dim = in_planes * 4

@@ -56,25 +56,29 @@ def to_model_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 def iterate_batches(data: TaskData, batch_size: int, *, shuffle: bool, augment: bool,
-                    max_batches: int | None = None,
+                    equal_sizes: bool = False, max_batches: int | None = None,
                     channels_last: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yield (float images in [0, 1], labels, task ids) batches straight from the tensors.
 
-    Indices and augmentation stay on the data's device; the only per-batch work is one
-    gather, one batched crop/flip and one dtype conversion (into NHWC with channels_last).
+    There are ceil(n / batch_size) batches. By default all but the last hold batch_size
+    images; with `equal_sizes` the sizes differ by at most one, so no training step sees a
+    tiny remainder batch (a handful of images whose batch-statistics BatchNorm and gradient
+    can undo a task in the epoch's last step). Indices and augmentation stay on the data's
+    device; the only per-batch work is one gather, one batched crop/flip and one dtype
+    conversion (into NHWC with channels_last).
     """
     n = len(data)
+    n_batches = -(-n // batch_size)
+    if equal_sizes:
+        sizes = [n // n_batches + (b < n % n_batches) for b in range(n_batches)]
+    else:
+        sizes = [min(batch_size, n - b * batch_size) for b in range(n_batches)]
     order = torch.randperm(n, device=data.x.device) if shuffle else None
-    n_batches = (n + batch_size - 1) // batch_size
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
-    for b in range(n_batches):
-        if order is None:
-            sl = slice(b * batch_size, (b + 1) * batch_size)
-            x, y, t = data.x[sl], data.y[sl], data.t[sl]
-        else:
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            x, y, t = data.x[idx], data.y[idx], data.t[idx]
+    start = 0
+    for size in sizes[:max_batches]:
+        index = slice(start, start + size) if order is None else order[start:start + size]
+        start += size
+        x, y, t = data.x[index], data.y[index], data.t[index]
         if augment:
             x = random_crop_flip(x, padding=4)
         yield to_model_input(x, channels_last), y, t
@@ -88,6 +92,9 @@ class SequentialDataset:
     N_CLASSES_PER_TASK: ClassVar[int]
     IMAGE_SIZE: ClassVar[int]
     CHANNELS: ClassVar[int] = 3
+    # Overrides of the common option defaults for this benchmark (a method's own DEFAULTS,
+    # --model_config best and the command line still win).
+    DEFAULTS: ClassVar[dict] = {}
 
     @staticmethod
     def add_arguments(parser: argparse._ActionsContainer) -> None:
@@ -136,6 +143,12 @@ class SequentialDataset:
         if found != self.n_classes:
             raise UserError(f"{self.NAME}: the data holds {found} classes but the benchmark needs "
                             f"{self.n_classes}; check that --data_path points at the right dataset")
+        for split, y in (("train", raw.train_y), ("test", raw.test_y)):
+            missing = torch.nonzero(torch.bincount(y, minlength=self.n_classes) == 0)
+            if len(missing):
+                raise UserError(f"{self.NAME}: class {int(missing[0])} has no {split} images "
+                                f"({len(missing)} classes lack them); its task could not be "
+                                "learned or scored, so fix the copy under --data_path")
 
     def _class_order(self, seed: int | None) -> torch.Tensor:
         if seed is None:

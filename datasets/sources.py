@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from datasets.continual_dataset import RawSplits
 from utils.errors import UserError
@@ -31,7 +31,13 @@ def decode_images(paths: list[Path], size: int) -> torch.Tensor:
     """Decode image files to one uint8 N x 3 x size x size tensor (greyscale becomes RGB)."""
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
-        with Image.open(path) as image:
+        try:
+            image = Image.open(path)
+            image.load()
+        except (OSError, UnidentifiedImageError) as exc:
+            raise UserError(f"{path} cannot be read as an image ({type(exc).__name__}); "
+                            "replace or remove the file") from None
+        with image:
             image = image.convert("RGB")
             if image.size != (size, size):
                 raise UserError(f"image {path} is {image.size[0]}x{image.size[1]}, expected "
@@ -97,10 +103,12 @@ def image_folder_files(root: Path, n_classes: int, dataset: str) -> tuple[list[s
         if classes and names != classes:
             raise UserError(f"{dataset}: {root}/train and {root}/test have different class folders")
         classes = names
-        splits[split] = [(p, label) for label, name in enumerate(names)
-                         for p in _list_images(split_dir / name)]
-        if not splits[split]:
-            raise UserError(f"{dataset}: no images under {split_dir}/<class>/")
+        per_class = [_list_images(split_dir / name) for name in names]
+        empty = [name for name, files in zip(names, per_class) if not files]
+        if empty:
+            raise UserError(f"{dataset}: class folder {split_dir / empty[0]} holds no images "
+                            f"({len(empty)} empty in {split}); every class needs {split} images")
+        splits[split] = [(p, label) for label, files in enumerate(per_class) for p in files]
     return classes, splits
 
 

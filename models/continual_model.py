@@ -44,6 +44,9 @@ class ContinualModel(nn.Module):
     BEST_CONFIGS: ClassVar[dict[str, dict]] = {}
     # Why the method needs one BatchNorm set for all tasks (None: per-task BN is fine).
     SHARED_BN_REASON: ClassVar[str | None] = None
+    # Training epochs are split into batches of equal size (no remainder batch); a method
+    # reproducing a reference loader's remainder batch turns this off.
+    equal_batches: bool = True
 
     @staticmethod
     def add_arguments(parser: argparse._ActionsContainer) -> None:
@@ -101,7 +104,8 @@ class ContinualModel(nn.Module):
         self.train()
         for epoch in range(n_epochs):
             loss = None
-            for x, y, t in ctx.batches(data, f"{label} {epoch + 1}/{n_epochs}"):
+            for x, y, t in ctx.batches(data, f"{label} {epoch + 1}/{n_epochs}",
+                                       equal_sizes=self.equal_batches):
                 with ctx.autocast():
                     loss = step(x, y, t if task is None else task)
             check_finite(loss, f"{ctx.task_label} {label} {epoch + 1}".strip())
@@ -109,16 +113,17 @@ class ContinualModel(nn.Module):
                 self.scheduler.step()
 
     def forward_samples(self, data: TaskData, ctx: TrainingContext, n_samples: int, task: int,
-                        augment: bool) -> None:
-        """Forward the first n_samples of a shuffled pass over `data` in eval mode, without
-        gradients: the pass that forward hooks record representations from (BMKP, GPM,
-        Adam-NSCL)."""
+                        augment: bool, batch_size: int | None = None) -> None:
+        """Forward the first n_samples of a shuffled pass over `data` in eval mode, in batches
+        of `batch_size` (default: the training batch size), without gradients: the pass that
+        forward hooks record representations from (BMKP, GPM, Adam-NSCL)."""
         was_training = self.net.training
         self.net.eval()
         remaining = n_samples
         try:
             with torch.no_grad():
-                for x, _, _ in ctx.batches(data, "representation", augment=augment):
+                for x, _, _ in ctx.batches(data, "representation", batch_size=batch_size,
+                                           augment=augment):
                     self.net(x[:remaining], task)
                     remaining -= len(x)
                     if remaining <= 0:
@@ -145,6 +150,11 @@ class ContinualModel(nn.Module):
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes the method needs at test time and between tasks, by component."""
         return {"network": network_bytes(self.net)}
+
+    def result_details(self) -> dict:
+        """What the method reports in the result JSON beside the common fields (under
+        "method"), so runs can be compared without rerunning them; nothing by default."""
+        return {}
 
     def checkpoint_state(self) -> dict:
         """What the method carries from one task to the next, for --checkpoint_dir: the

@@ -1,6 +1,10 @@
 """Dark Experience Replay (Buzzega et al., NeurIPS 2020): the buffer keeps each sample's
 logits from when it was stored, and replay matches them (MSE), distilling the past network
-without keeping a copy of it."""
+without keeping a copy of it.
+
+Logits stored while the first steps overshoot (too high an lr for the network) become
+targets that the squared loss keeps pulling towards, so DER can diverge where plain SGD
+recovers; the run then stops with an error naming --lr."""
 import argparse
 
 import torch

@@ -105,3 +105,28 @@ def test_shared_batchnorm_has_one_set(synthetic_args):
     no_stats = build_backbone(synthetic_args("--bn_running_stats", "0"), 5, 2)
     assert all(m.running_mean is None for m in no_stats.modules()
                if isinstance(m, nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("identity", [True, False])
+def test_shortcut_option_decides_what_a_same_shape_block_adds(identity):
+    """The reference's network (no identity shortcut): with conv2 zeroed, a same-shape block's
+    output is the ReLU of bn2's output on zeros, whatever its input; a ResNet adds x."""
+    net = ResNet("resnet18", nf=4, n_tasks=1, classes_per_task=2,
+                 identity_shortcut=identity).eval()
+    block = net.blocks[1]
+    assert block.shortcut_conv is None
+    with torch.no_grad():
+        block.conv2.weight.zero_()
+        block.bn2.sets[0].bias.fill_(0.25)
+        x = torch.randn(3, 4, 8, 8)
+        out = block(x, 0)
+    bn_of_zeros = torch.full_like(out, 0.25)  # eval BN: (0 - 0) / sqrt(1 + eps) * 1 + 0.25
+    expected = torch.relu(bn_of_zeros + x) if identity else bn_of_zeros
+    torch.testing.assert_close(out, expected)
+
+
+def test_shortcut_none_keeps_the_projection_shortcuts():
+    plain = ResNet("resnet18", nf=4, n_tasks=1, classes_per_task=2, identity_shortcut=False)
+    resnet = ResNet("resnet18", nf=4, n_tasks=1, classes_per_task=2)
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in resnet.named_parameters()]
+    assert sum(b.shortcut_conv is not None for b in plain.blocks) == 3

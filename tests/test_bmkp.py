@@ -98,6 +98,23 @@ def test_bases_grow_orthonormal_and_never_exceed_outputs(tmp_path):
         assert widths[0][name] <= widths[1][name] <= widths[2][name]
 
 
+def test_basis_log_records_each_tasks_basis_size_and_retained_energy(tmp_path):
+    model, dataset, ctx = build(tmp_path)
+    for task in range(2):
+        learn(model, dataset, ctx, task)
+        log = model.basis_log[task]
+        assert set(log) == set(model.projected)
+        for name, entry in log.items():
+            assert entry["columns"] == model.memory.bases[name].shape[1]
+            assert 0.0 <= entry["retained_energy"] <= 1.0 + 1e-9
+    first, second = model.basis_log
+    assert all(second[n]["columns"] >= first[n]["columns"] for n in first)
+    # Later tasks grow each basis until it retains the threshold (or the layer is full).
+    assert all(e["retained_energy"] >= 0.96 - 1e-9 or e["columns"] == m.weight.shape[0]
+               for (n, e), m in zip(second.items(), model.projected.values()))
+    assert model.result_details() == {"bases": model.basis_log}
+
+
 def test_no_basis_update_keeps_the_first_bases(tmp_path):
     model, dataset, ctx = build(tmp_path, "--no_basis_update")
     learn(model, dataset, ctx, 0)
@@ -105,6 +122,7 @@ def test_no_basis_update_keeps_the_first_bases(tmp_path):
     learn(model, dataset, ctx, 1)
     for name, basis in model.memory.bases.items():
         assert torch.equal(basis, first[name])
+    assert all(e["retained_energy"] is None for e in model.basis_log[1].values())
 
 
 def test_memory_accounting_matches_a_count_by_hand(tmp_path):
@@ -167,13 +185,70 @@ def test_paper_mode_retraining_moves_the_coefficients(tmp_path):
     assert all(moved)
 
 
+def test_paper_mode_stores_the_exact_batchnorm_statistics_of_the_stored_weights(tmp_path):
+    model, dataset, ctx = build(tmp_path)
+    learn(model, dataset, ctx, 0)
+    data = dataset.train_data(0)
+    stem_bn = model.net.bn1.sets[0]
+    n_batches = -(-len(data) // ctx.batch_size)
+    assert int(stem_bn.num_batches_tracked) == n_batches  # one cumulative pass, nothing else
+    stored = model.memory.extras[0]
+    assert torch.equal(stored["bn1.sets.0.running_mean"], stem_bn.running_mean)
+
+    torch.manual_seed(7)
+    model._recompute_bn_statistics(0, data, ctx, model.memory.coefficients[0])
+    torch.manual_seed(7)  # the same augmented batches, recomputed independently
+    stem_weight = model.memory.compose(0)["conv1.weight"]
+    means, variances = [], []
+    for x, _, _ in ctx.batches(data, "check", equal_sizes=True):
+        z = torch.nn.functional.conv2d(x, stem_weight, padding=1).transpose(0, 1).flatten(1)
+        means.append(z.mean(1))
+        variances.append(z.var(1))
+    torch.testing.assert_close(stem_bn.running_mean, torch.stack(means).mean(0))
+    torch.testing.assert_close(stem_bn.running_var, torch.stack(variances).mean(0))
+    assert stem_bn.momentum == 0.1  # restored after the pass
+
+
+@pytest.mark.parametrize("compat, last_batch", [("paper", 28), ("official", 8)])
+def test_official_mode_keeps_the_reference_loaders_remainder_batch(tmp_path, compat, last_batch):
+    model, dataset, ctx = build(tmp_path, "--compat", compat, "--n_epochs", "1")
+    sizes = []
+    observe = model.observe
+
+    def recording(x, y, task):
+        sizes.append(len(y))
+        return observe(x, y, task)
+
+    model.observe = recording
+    learn(model, dataset, ctx, 0)
+    assert len(sizes) == 7 and sizes[-1] == last_batch  # 200 images, batch 32
+
+
+@pytest.mark.parametrize("compat, passes", [("paper", [32, 32, 32]), ("official", [160])])
+def test_projection_samples_follow_the_references_sampler_in_official_mode(tmp_path, compat,
+                                                                             passes):
+    """--projection_samples 96 at batch 32: paper mode forwards 96 images in training-size
+    batches; official mode (96 // 32 + 2) * 32 = 160 images in one pass, as the reference."""
+    model, dataset, ctx = build(tmp_path, "--compat", compat)
+    ctx.phase_times.append({})
+    seen = []
+    hook = model.net.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    try:
+        model.project_task(0, dataset.train_data(0), ctx)
+    finally:
+        hook.remove()
+    assert seen == passes
+
+
 def test_official_compat_uses_batch_statistics_on_cifar():
     args = parse_args(["--model", "bmkp", "--dataset", "seq-cifar10", "--compat", "official"])
     BMKP.configure(args, type("Cifar", (), {"NAME": "seq-cifar10"}))
     assert args.bn_running_stats == 0 and args.eval_batch_size == 128
+    assert args.shortcut == "none"  # the reference's network
     paper = parse_args(["--model", "bmkp", "--dataset", "seq-cifar10"])
     BMKP.configure(paper, type("Cifar", (), {"NAME": "seq-cifar10"}))
     assert paper.bn_running_stats == 1 and paper.retrain_epochs == paper.n_epochs
+    assert paper.shortcut == "identity"
 
 
 def test_resnet34_layers_are_found_by_hooks(tmp_path):
@@ -213,5 +288,6 @@ def test_bmkp_forgets_far_less_than_sgd(tmp_path):
     # The thread count changes the arithmetic: on one thread sgd ends at 91.8, BWT -9.75.
     assert results["sgd"]["bwt"] < -5
     assert results["bmkp"]["final_acc"] > results["sgd"]["final_acc"] + 5
-    assert set(results["bmkp"]["phase_times"][0]) == {"train", "projection", "retrain", "eval"}
+    assert set(results["bmkp"]["phase_times"][0]) == {"train", "projection", "retrain",
+                                                      "bn_statistics", "eval"}
     assert results["bmkp"]["memory"]["breakdown_bytes"]["ltm_coefficients"] > 0

@@ -25,7 +25,9 @@ import datasets.sources as sources
 from datasets.seq_cifar10 import SequentialCIFAR10
 from datasets.seq_cifar100 import SequentialCIFAR100
 from datasets.seq_tinyimg import SequentialTinyImageNet
-from helpers import dataset_args, decode_file, write_image_folders
+from datasets.continual_dataset import RawSplits, SequentialDataset
+from helpers import assert_one_line_error, dataset_args, decode_file, write_image_folders
+from utils.main import main
 from utils.errors import UserError
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -160,6 +162,37 @@ def test_wrong_image_size_is_a_user_error(tmp_path):
     write_image_folders(tmp_path, CIFAR10_NAMES, {"train": 1, "test": 1}, size=16)
     with pytest.raises(UserError, match="is 16x16, expected 32x32"):
         SequentialCIFAR10(dataset_args("seq-cifar10", tmp_path))
+
+
+def test_unreadable_image_is_a_one_line_error_naming_the_file(tmp_path, capsys):
+    write_image_folders(tmp_path, CIFAR10_NAMES, {"train": 2, "test": 1}, size=32)
+    broken = tmp_path / "train" / "cat" / "zz.png"
+    broken.write_bytes(b"not an image")
+    assert_one_line_error(capsys, main, ["--model", "sgd", "--dataset", "seq-cifar10",
+                                         "--data_path", str(tmp_path), "--device", "cpu"],
+                          str(broken), "cannot be read as an image", "replace or remove")
+
+
+def test_class_folder_without_test_images_is_refused(tmp_path, capsys):
+    write_image_folders(tmp_path, CIFAR10_NAMES, {"train": 2, "test": 1}, size=32)
+    for image in (tmp_path / "test" / "frog").iterdir():
+        image.unlink()
+    assert_one_line_error(capsys, main, ["--model", "sgd", "--dataset", "seq-cifar10",
+                                         "--data_path", str(tmp_path), "--device", "cpu"],
+                          str(tmp_path / "test" / "frog"), "holds no images",
+                          "every class needs test images")
+
+
+def test_a_class_missing_from_a_split_is_refused_for_any_source(tmp_path):
+    class Holey(SequentialDataset):
+        NAME, N_TASKS, N_CLASSES_PER_TASK, IMAGE_SIZE = "holey", 2, 2, 8
+
+        def load(self, args):
+            x = torch.zeros(8, 3, 8, 8, dtype=torch.uint8)
+            return RawSplits(x, torch.tensor([0, 1, 2, 3] * 2), x[:4], torch.tensor([0, 1, 3, 3]))
+
+    with pytest.raises(UserError, match="class 2 has no test images"):
+        Holey(dataset_args("seq-synthetic", tmp_path))
 
 
 # ------------------------------------------------------------------ torchvision's CIFAR layout

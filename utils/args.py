@@ -1,7 +1,7 @@
 """Command-line options: the common ones, plus those of the chosen model and dataset.
 
-Precedence, lowest first: common defaults, the model's DEFAULTS, its --model_config best
-values for the dataset, then whatever was typed on the command line.
+Precedence, lowest first: common defaults, the dataset's DEFAULTS, the model's DEFAULTS, its
+--model_config best values for the dataset, then whatever was typed on the command line.
 """
 from __future__ import annotations
 
@@ -112,6 +112,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--nf", type=positive_int, default=20,
                      help="base width: 20 = reduced ResNet-18 (GPM, BMKP; the default for "
                           "every method), 64 = the standard ResNet-18 of mammoth's baselines")
+    net.add_argument("--shortcut", choices=("identity", "none"), default="identity",
+                     help="what a block whose shape does not change adds to its output: x "
+                          "(a ResNet), or nothing (the BMKP reference code's network)")
     net.add_argument("--per_task_bn", type=switch, default=0,
                      help="1: one BatchNorm set per task, selected by the task id")
     net.add_argument("--bn_running_stats", type=switch, default=1,
@@ -153,6 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model_cls, dataset_cls = models.get(known.model), datasets.get(known.dataset)
     if dataset_cls is not None:
         dataset_cls.add_arguments(parser.add_argument_group(f"{dataset_cls.NAME} options"))
+        parser.set_defaults(**dataset_cls.DEFAULTS)
     if model_cls is not None:
         model_cls.add_arguments(parser.add_argument_group(f"{model_cls.NAME} options"))
         parser.set_defaults(**model_cls.DEFAULTS)

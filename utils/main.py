@@ -147,6 +147,7 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
         "memory": {"total_mb": sum(breakdown.values()) / BYTES_PER_MB,
                    "breakdown_mb": {k: v / BYTES_PER_MB for k, v in breakdown.items()},
                    "breakdown_bytes": breakdown},
+        "method": model.result_details(),
         "config": vars(args), "environment": environment(device),
     }
     path = result_path(args.results_dir, args.dataset, args.model, args.seed)

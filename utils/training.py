@@ -55,13 +55,16 @@ class TrainingContext:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def batches(self, data: TaskData, desc: str, batch_size: int | None = None,
-                shuffle: bool = True, augment: bool = True) -> Iterator[tuple[torch.Tensor, ...]]:
+                shuffle: bool = True, augment: bool = True,
+                equal_sizes: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Batches of `data` with a progress bar (see iterate_batches)."""
         size = batch_size or self.batch_size
         total = -(-len(data) // size)
         if self.max_batches is not None:
             total = min(total, self.max_batches)
         stream = iterate_batches(data, size, shuffle=shuffle, augment=augment,
-                                 max_batches=self.max_batches, channels_last=self.channels_last)
+                                 equal_sizes=equal_sizes, max_batches=self.max_batches,
+                                 channels_last=self.channels_last)
         return iter(tqdm(stream, total=total, desc=f"{self.task_label} {desc}".strip(),
                          leave=False, disable=not self.show_progress, file=sys.stderr))
 

@@ -11,12 +11,16 @@ Two modes (`--compat`):
 - `paper` (default): the method as the paper describes it. Every task trains all of its own
   parameters (conv weights, its BatchNorm set and its head); retraining trains
   A_t together with the task's BatchNorm set and head; BatchNorm tracks running
-  statistics, so a test prediction does not depend on the rest of its test batch.
+  statistics, so a test prediction does not depend on the rest of its test batch, and the
+  statistics stored with a task are recomputed for the stored weights (a moving average
+  over steps taken while the weights moved need not describe them); training epochs use
+  batches of equal size.
 - `official`: what the reference implementation's code does, which produced the paper's
   numbers. From the second task on only the 4-D conv weights are trained (later tasks' BN
   sets and heads keep their initial values), so retraining of later tasks has no
   trainable tensor in its forward and changes nothing; on CIFAR, BatchNorm normalises with the
-  test batch's statistics (test batches of 128 from one task).
+  test batch's statistics (test batches of 128 from one task); every epoch ends on the
+  loader's remainder batch; the network has no identity shortcuts (`--shortcut none`).
 `--reg` picks the regularizer independently: `official` (the code's trace/sum form, default)
 or `paper` (Eq. 4's trace / L1 form); see models/bmkp/regularizer.py.
 """
@@ -36,7 +40,7 @@ from models.bmkp.regularizer import VARIANTS, compaction_loss
 from models.continual_model import ContinualModel, network_bytes
 from utils.args import fraction, non_negative_float, non_negative_int, positive_int
 from utils.errors import UserError
-from utils.subspace import recording_grams, update_basis
+from utils.subspace import recording_grams, retained_energy, update_basis
 from utils.training import TrainingContext
 
 # Datasets on which the reference normalises with test-batch statistics (no running stats).
@@ -81,6 +85,8 @@ class BMKP(ContinualModel):
     def configure(cls, args: argparse.Namespace, dataset: type[SequentialDataset]) -> None:
         if args.retrain_epochs is None:
             args.retrain_epochs = args.n_epochs
+        if args.compat == "official":
+            args.shortcut = "none"
         if args.compat == "official" and dataset.NAME in OFFICIAL_BATCH_STAT_DATASETS:
             args.bn_running_stats = 0
             args.eval_batch_size = OFFICIAL_EVAL_BATCH
@@ -88,6 +94,8 @@ class BMKP(ContinualModel):
     def __init__(self, net: nn.Module, dataset: SequentialDataset,
                  args: argparse.Namespace) -> None:
         super().__init__(net, dataset, args)
+        # The reference's loader ends every epoch on a remainder batch (see iterate_batches).
+        self.equal_batches = args.compat != "official"
         self.projected = {f"{name}.weight": module for name, module in net.named_modules()
                           if isinstance(module, nn.Conv2d)}
         if not self.projected:
@@ -96,6 +104,9 @@ class BMKP(ContinualModel):
         layout = (torch.contiguous_format if first.is_contiguous() else torch.channels_last)
         self.memory = LongTermMemory({n: m.weight.shape for n, m in self.projected.items()},
                                      layout)
+        # Per task, per projected layer: basis columns after the task, and the share of the
+        # task's activation energy they retain (None when the bases were not updated).
+        self.basis_log: list[dict[str, dict]] = []
 
     # ---- inference -------------------------------------------------------------------
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
@@ -115,6 +126,9 @@ class BMKP(ContinualModel):
             coefficients = self.project_task(task, data, ctx)
         with ctx.phase("retrain"):
             coefficients = self._retrain(task, data, ctx, coefficients)
+        if self.args.compat == "paper":
+            with ctx.phase("bn_statistics"):
+                self._recompute_bn_statistics(task, data, ctx, coefficients)
         self.memory.store_task(task, coefficients, self._task_extras(task))
 
     def project_task(self, task: int, data: TaskData,
@@ -123,6 +137,9 @@ class BMKP(ContinualModel):
         A_t = B^T W_t for every projected layer."""
         if task == 0 or not self.args.no_basis_update:
             self._update_bases(task, data, ctx)
+        else:
+            self.basis_log.append({name: {"columns": b.shape[1], "retained_energy": None}
+                                   for name, b in self.memory.bases.items()})
         return self.memory.project({name: m.weight for name, m in self.projected.items()})
 
     def _learning_parameters(self, task: int) -> list[nn.Parameter]:
@@ -144,12 +161,24 @@ class BMKP(ContinualModel):
 
     def _update_bases(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         """Grow every layer's basis from its outputs on `projection_samples` training images
-        (the first batches of a shuffled, augmented pass, as in the reference)."""
+        (the first batches of a shuffled, augmented pass, as in the reference).
+
+        Official mode takes them as the reference's sampler does: whole training batches up
+        to one past the count (640 images for 500 at batch 128, 576 at batch 64), forwarded
+        as one batch, so BatchNorm without running statistics normalises with that pass's."""
+        n_samples, batch_size = self.args.projection_samples, None
+        if self.args.compat == "official":
+            n_samples = min(len(data), (n_samples // ctx.batch_size + 2) * ctx.batch_size)
+            batch_size = n_samples
         with recording_grams(self.projected, "output") as grams:
-            self.forward_samples(data, ctx, self.args.projection_samples, task, augment=True)
+            self.forward_samples(data, ctx, n_samples, task, augment=True, batch_size=batch_size)
         level = self.args.threshold_first if task == 0 else self.args.threshold
-        self.memory.set_bases({name: update_basis(acc.gram, self.memory.basis(name), level)
-                               for name, acc in grams.items()})
+        bases = {name: update_basis(acc.gram, self.memory.basis(name), level)
+                 for name, acc in grams.items()}
+        self.memory.set_bases(bases)
+        self.basis_log.append({name: {"columns": basis.shape[1],
+                                      "retained_energy": retained_energy(grams[name].gram, basis)}
+                               for name, basis in bases.items()})
 
     def _retrain(self, task: int, data: TaskData, ctx: TrainingContext,
                  coefficients: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -169,6 +198,33 @@ class BMKP(ContinualModel):
 
         self.train_epochs(data, ctx, self.args.retrain_epochs, step, task, label="retrain")
         return {n: a.detach() for n, a in trainable.items()}
+
+    def _recompute_bn_statistics(self, task: int, data: TaskData, ctx: TrainingContext,
+                                 coefficients: dict[str, torch.Tensor]) -> None:
+        """Give the task's BatchNorm set the exact statistics of the weights being stored.
+
+        Its running statistics are a moving average over steps taken while the weights
+        moved, so they need not describe the final ones (a stored task could score at chance
+        with them and near 100% with exact ones). One no-grad pass over the task's training
+        batches, augmented as in training, with the recomposed weights and a cumulative
+        average (momentum None) replaces them."""
+        bn_layers = [m for m in self._task_modules(task).values()
+                     if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+        if not bn_layers:
+            return
+        momenta = [m.momentum for m in bn_layers]
+        for m in bn_layers:
+            m.reset_running_stats()
+            m.momentum = None
+        weights = self.memory.weights_from(coefficients)
+        self.net.train()
+        try:
+            with torch.no_grad():
+                for x, _, _ in ctx.batches(data, "BN statistics", equal_sizes=True):
+                    functional_call(self.net, weights, (x, task))
+        finally:
+            for m, momentum in zip(bn_layers, momenta):
+                m.momentum = momentum
 
     def _official_later_retraining(self, task: int, data: TaskData, ctx: TrainingContext,
                                    coefficients: dict[str, torch.Tensor]) -> None:
@@ -203,10 +259,15 @@ class BMKP(ContinualModel):
         ltm = {f"ltm_{k}": v for k, v in self.memory.size_in_bytes().items()}
         return {"network": network_bytes(self.net), **ltm}
 
+    def result_details(self) -> dict:
+        return {"bases": self.basis_log}
+
     def checkpoint_state(self) -> dict:
-        """Also the long-term memory."""
-        return {**super().checkpoint_state(), "memory": self.memory.state_dict()}
+        """Also the long-term memory and the basis log."""
+        return {**super().checkpoint_state(), "memory": self.memory.state_dict(),
+                "basis_log": self.basis_log}
 
     def load_checkpoint_state(self, state: dict) -> None:
         super().load_checkpoint_state(state)
         self.memory.load_state_dict(state["memory"])
+        self.basis_log = state["basis_log"]
