@@ -1,12 +1,12 @@
 """ResNet-18/34 of BasicBlocks with a CIFAR stem, optional per-task BatchNorm and Task-IL heads.
 
 `nf` is the base width: 20 gives the reduced ResNet-18 of GPM and BMKP (1,090,140 conv
-weights), 64 the standard one. `identity_shortcut=False` builds the BMKP reference code's
+weights), 64 the standard one. The stem is a 3x3 conv without max-pool; the classifier reads
+the last (image_size / 8)-sided map average-pooled by 2, as the GPM and BMKP reference code:
+640 features on 32x32 inputs, 2,560 on 64x64 (nf 20). Smaller images keep a 2x2 map (16x16
+seq-synthetic: pooled to 1x1, GPM and Adam-NSCL could no longer learn its later tasks). `identity_shortcut=False` builds the BMKP reference code's
 variant: a block whose input and output shapes match adds nothing to its residual branch
-(only blocks that change shape keep their 1x1 projection shortcut). The stem is a 3x3 conv without max-pool; features are average
-pooled to 2x2 before the classifier (for 32x32 inputs this is the reference's 2x2 pooling of
-the 4x4 map), so 32x32 and 64x64 inputs use the same head size.
-"""
+(only blocks that change shape keep their 1x1 projection shortcut). """
 from __future__ import annotations
 
 import torch
@@ -69,8 +69,20 @@ class ResNet(nn.Module):
 
     def __init__(self, depth: str, nf: int, n_tasks: int, classes_per_task: int,
                  per_task_bn: bool = False, bn_running_stats: bool = True,
-                 in_channels: int = 3, identity_shortcut: bool = True) -> None:
+                 in_channels: int = 3, identity_shortcut: bool = True,
+                 image_size: int = 32,
+                 input_mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+                 ) -> None:
         super().__init__()
+        # Inputs in [0, 1] are standardised here when the dataset asks for it, so every path
+        # (training, evaluation, replay, projection) sees the same input; not saved with the
+        # weights, since the dataset defines them.
+        mean = std = None
+        if input_mean_std is not None:
+            mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+                         for v in input_mean_std)
+        self.register_buffer("input_mean", mean, persistent=False)
+        self.register_buffer("input_std", std, persistent=False)
         self.n_tasks = n_tasks
         self.classes_per_task = classes_per_task
         self.per_task_bn = per_task_bn
@@ -87,7 +99,8 @@ class ResNet(nn.Module):
                                          identity_shortcut))
                 in_planes = planes
         self.blocks = nn.ModuleList(blocks)
-        self.feature_dim = in_planes * 4
+        self.pooled_side = max(2, image_size // 16)
+        self.feature_dim = in_planes * self.pooled_side ** 2
         self.heads = nn.ModuleList(nn.Linear(self.feature_dim, classes_per_task)
                                    for _ in range(n_tasks))
 
@@ -98,10 +111,12 @@ class ResNet(nn.Module):
             bn_task = 0
         else:
             bn_task = task
+        if self.input_mean is not None:
+            x = (x - self.input_mean) / self.input_std
         out = F.relu(self.bn1(self.conv1(x), bn_task))
         for block in self.blocks:
             out = block(out, bn_task)
-        return F.adaptive_avg_pool2d(out, 2).flatten(1)
+        return F.adaptive_avg_pool2d(out, self.pooled_side).flatten(1)
 
     def task_logits(self, features: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
         """Each sample's logits from its own task's head (a multi-head classifier)."""

@@ -92,6 +92,9 @@ class SequentialDataset:
     N_CLASSES_PER_TASK: ClassVar[int]
     IMAGE_SIZE: ClassVar[int]
     CHANNELS: ClassVar[int] = 3
+    # Per-channel (mean, std) that inputs in [0, 1] are standardised with, after augmentation
+    # (None: used as they are).
+    INPUT_MEAN_STD: ClassVar[tuple[tuple[float, ...], tuple[float, ...]] | None] = None
     # Overrides of the common option defaults for this benchmark (a method's own DEFAULTS,
     # --model_config best and the command line still win).
     DEFAULTS: ClassVar[dict] = {}

@@ -66,7 +66,10 @@ def test_shared_config_protocol_and_differing_keys():
          "device": "cpu", "debug_mode": 0}
     b = {**a, "seed": 1, "save_memory": "m-seed1.pt", "nf": 8, "device": "cuda"}
     assert shared_config([a, b]) == {"lr": 0.1, "debug_mode": 0}  # nf and device differ
-    assert protocol(a) == {"lr": 0.1, "nf": 4, "debug_mode": 0}
+    # a run made before --shortcut existed used identity shortcuts
+    assert protocol(a) == {"lr": 0.1, "nf": 4, "debug_mode": 0, "shortcut": "identity"}
+    assert protocol(a) == protocol({**a, "shortcut": "identity"})
+    assert protocol(a) != protocol({**a, "shortcut": "none"})
     assert differing_keys([protocol(a), protocol(b)]) == ["nf"]
     assert differing_keys([{"x": 1}, {"x": 1, "y": None}]) == ["y"]
 

@@ -5,6 +5,8 @@ import torch.nn as nn
 
 from backbone import build_backbone
 from backbone.resnet import ResNet
+from datasets.seq_synthetic import SequentialSynthetic
+from utils.args import parse_args
 
 
 def _convs(net: nn.Module) -> list[nn.Conv2d]:
@@ -43,18 +45,25 @@ def test_resnet34_builds_and_runs():
     assert net(torch.rand(2, 3, 32, 32), 1).shape == (2, 3)
 
 
-@pytest.mark.parametrize("size", [16, 32, 64])
-def test_output_has_one_logit_per_class_of_the_task(size):
-    net = ResNet("resnet18", nf=4, n_tasks=5, classes_per_task=7)
+@pytest.mark.parametrize("size, features", [(16, 128), (32, 128), (64, 512)])
+def test_output_has_one_logit_per_class_of_the_task(size, features):
+    net = ResNet("resnet18", nf=4, n_tasks=5, classes_per_task=7, image_size=size)
     x = torch.rand(3, 3, size, size)
     for task in (0, 4):
         assert net(x, task).shape == (3, 7)
-    assert net.features(x, 0).shape == (3, net.feature_dim)
+    assert net.features(x, 0).shape == (3, net.feature_dim) == (3, features)
+
+
+def test_head_size_follows_the_input_size_as_the_reference():
+    """avg_pool2d(out, 2) of the last map: 640 features on CIFAR, 2,560 on Tiny-ImageNet."""
+    assert ResNet("resnet18", nf=20, n_tasks=1, classes_per_task=2).feature_dim == 640
+    tiny = ResNet("resnet18", nf=20, n_tasks=1, classes_per_task=2, image_size=64)
+    assert tiny.feature_dim == 2560 and tiny.heads[0].in_features == 2560
 
 
 def test_task_logits_int_and_tensor_task_ids_agree():
     torch.manual_seed(0)
-    net = ResNet("resnet18", nf=4, n_tasks=4, classes_per_task=3)
+    net = ResNet("resnet18", nf=4, n_tasks=4, classes_per_task=3, image_size=16)
     features = torch.randn(6, net.feature_dim)
     mixed = torch.tensor([0, 3, 1, 1, 2, 0])
     by_tensor = net.task_logits(features, mixed)
@@ -70,7 +79,8 @@ def test_task_logits_int_and_tensor_task_ids_agree():
 
 def test_per_task_batchnorm_selects_the_task_set():
     torch.manual_seed(0)
-    net = ResNet("resnet18", nf=4, n_tasks=3, classes_per_task=2, per_task_bn=True)
+    net = ResNet("resnet18", nf=4, n_tasks=3, classes_per_task=2, per_task_bn=True,
+                 image_size=16)
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(bns) == 3 * 20  # one set per task for each of the 20 convs
     x = torch.rand(8, 3, 16, 16)
@@ -100,9 +110,9 @@ def test_per_task_batchnorm_refuses_mixed_task_batches():
 
 
 def test_shared_batchnorm_has_one_set(synthetic_args):
-    net = build_backbone(synthetic_args(), n_tasks=5, classes_per_task=2)
+    net = build_backbone(synthetic_args(), SequentialSynthetic)
     assert len([m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]) == 20
-    no_stats = build_backbone(synthetic_args("--bn_running_stats", "0"), 5, 2)
+    no_stats = build_backbone(synthetic_args("--bn_running_stats", "0"), SequentialSynthetic)
     assert all(m.running_mean is None for m in no_stats.modules()
                if isinstance(m, nn.BatchNorm2d))
 
@@ -130,3 +140,18 @@ def test_shortcut_none_keeps_the_projection_shortcuts():
     resnet = ResNet("resnet18", nf=4, n_tasks=1, classes_per_task=2)
     assert [n for n, _ in plain.named_parameters()] == [n for n, _ in resnet.named_parameters()]
     assert sum(b.shortcut_conv is not None for b in plain.blocks) == 3
+
+
+def test_dataset_normalisation_is_applied_inside_the_network():
+    """Tiny-ImageNet's inputs are standardised by the backbone itself (after augmentation, as
+    the reference's transform), so every path that feeds images gets the same input."""
+    from datasets.seq_tinyimg import SequentialTinyImageNet
+    torch.manual_seed(0)
+    args = parse_args(["--model", "sgd", "--dataset", "seq-tinyimg", "--nf", "4"])
+    net = build_backbone(args, SequentialTinyImageNet).eval()
+    plain = ResNet("resnet18", nf=4, n_tasks=10, classes_per_task=20, image_size=64).eval()
+    plain.load_state_dict(net.state_dict())  # the statistics are not part of the weights
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in SequentialTinyImageNet.INPUT_MEAN_STD)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, 3), plain((x - mean) / std, 3))

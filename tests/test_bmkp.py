@@ -27,7 +27,7 @@ def build(tmp_path, *options: str, seed: int = 0):
     seed_everything(seed)
     dataset = SequentialSynthetic(args)
     BMKP.configure(args, SequentialSynthetic)
-    net = build_backbone(args, dataset.N_TASKS, dataset.N_CLASSES_PER_TASK)
+    net = build_backbone(args, dataset)
     model = BMKP(net, dataset, args)
     ctx = TrainingContext(torch.device("cpu"), args.batch_size, args.eval_batch_size,
                           show_progress=False)
@@ -106,7 +106,7 @@ def test_basis_log_records_each_tasks_basis_size_and_retained_energy(tmp_path):
         assert set(log) == set(model.projected)
         for name, entry in log.items():
             assert entry["columns"] == model.memory.bases[name].shape[1]
-            assert 0.0 <= entry["retained_energy"] <= 1.0 + 1e-9
+            assert 0.0 <= entry["retained_energy"] <= 1.0 + 1e-6  # float32 bases
     first, second = model.basis_log
     assert all(second[n]["columns"] >= first[n]["columns"] for n in first)
     # Later tasks grow each basis until it retains the threshold (or the layer is full).
@@ -133,7 +133,7 @@ def test_memory_accounting_matches_a_count_by_hand(tmp_path):
     shapes = [tuple(m.weight.flatten(1).shape) for m in model.projected.values()]
     assert sorted(shapes) == sorted(NF2_CONVS)
     conv_floats = sum(o * i for o, i in NF2_CONVS)
-    head_floats = 2 * (16 * 4) + 2
+    head_floats = 2 * (16 * 4) + 2  # 16x16 images keep the last 2x2 map
     bn_set_floats = 4 * NF2_BN_CHANNELS  # weight, bias, running mean, running var
     floats = model.memory.size_in_floats()
     assert floats == {"bases": sum(o * o for o, _ in NF2_CONVS),

@@ -210,7 +210,7 @@ def test_lwf_refuses_per_task_batchnorm(tmp_path, capsys):
 def _shared_bytes(*extra: str, model: str) -> int:
     """4 bytes per shared float: every network parameter outside the heads (one BN set)."""
     args = parse_args(synthetic_argv(Path("unused"), *extra, model=model))
-    net = build_backbone(args, SequentialSynthetic.N_TASKS, SequentialSynthetic.N_CLASSES_PER_TASK)
+    net = build_backbone(args, SequentialSynthetic)
     return sum(p.numel() * 4 for n, p in net.named_parameters() if not n.startswith("heads."))
 
 

@@ -78,7 +78,7 @@ def _check_result(result: dict, model: str) -> None:
 def _network_bytes(*extra: str, model: str) -> int:
     """Parameters and float buffers of the run's backbone, counted from its state dict."""
     args = parse_args(synthetic_argv(Path("unused"), *extra, model=model))
-    net = build_backbone(args, N_TASKS, SequentialSynthetic.N_CLASSES_PER_TASK)
+    net = build_backbone(args, SequentialSynthetic)
     return sum(t.numel() * t.element_size() for t in net.state_dict().values()
                if t.is_floating_point())
 

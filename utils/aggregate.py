@@ -16,6 +16,9 @@ RUN_KEYS = ("seed", "seeds", "n_runs", "results_dir", "save_memory", "checkpoint
 # debug_mode, amp and eval_batch_size are left out on purpose: they change the numbers.
 NON_PROTOCOL_KEYS = RUN_KEYS + ("data_path", "device", "num_threads", "channels_last",
                                 "compile", "quiet", "model_config")
+# Options added after results were written, with the behaviour of the runs made before them,
+# so such older runs share a protocol with newer ones that use that behaviour.
+OPTIONS_ADDED_LATER = {"shortcut": "identity"}
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -69,7 +72,8 @@ def shared_config(configs: Sequence[dict]) -> dict:
 
 def protocol(config: dict) -> dict:
     """The options that define the experiment (config less NON_PROTOCOL_KEYS)."""
-    return {k: v for k, v in config.items() if k not in NON_PROTOCOL_KEYS}
+    return {k: v for k, v in {**OPTIONS_ADDED_LATER, **config}.items()
+            if k not in NON_PROTOCOL_KEYS}
 
 
 def differing_keys(configs: Sequence[dict]) -> list[str]:

@@ -105,7 +105,7 @@ def prepare_backbone(args: argparse.Namespace, device: torch.device,
     attributes) so its bound runs the very same network.
     Compilation is in place (nn.Module.compile), so state_dict keys, forward hooks and
     functional_call, which methods rely on, see the module as before."""
-    net = build_backbone(args, dataset.N_TASKS, dataset.N_CLASSES_PER_TASK, dataset.CHANNELS)
+    net = build_backbone(args, dataset)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     net = net.to(device, memory_format=layout)
     if args.compile:
