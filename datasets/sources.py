@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from datasets.continual_dataset import RawSplits
 from utils.errors import UserError
@@ -32,17 +32,15 @@ def decode_images(paths: list[Path], size: int) -> torch.Tensor:
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
         try:
-            image = Image.open(path)
-            image.load()
-        except (OSError, UnidentifiedImageError) as exc:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except OSError as exc:  # UnidentifiedImageError, truncated or unreadable files
             raise UserError(f"{path} cannot be read as an image ({type(exc).__name__}); "
                             "replace or remove the file") from None
-        with image:
-            image = image.convert("RGB")
-            if image.size != (size, size):
-                raise UserError(f"image {path} is {image.size[0]}x{image.size[1]}, expected "
-                                f"{size}x{size}; check that --data_path holds the right dataset")
-            out[i] = np.asarray(image)
+        if rgb.size != (size, size):
+            raise UserError(f"image {path} is {rgb.size[0]}x{rgb.size[1]}, expected "
+                            f"{size}x{size}; check that --data_path holds the right dataset")
+        out[i] = np.asarray(rgb)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
