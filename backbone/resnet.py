@@ -3,10 +3,13 @@
 `nf` is the base width: 20 gives the reduced ResNet-18 of GPM and BMKP (1,090,140 conv
 weights), 64 the standard one. The stem is a 3x3 conv without max-pool; the classifier reads
 the last (image_size / 8)-sided map average-pooled by 2, as the GPM and BMKP reference code:
-640 features on 32x32 inputs, 2,560 on 64x64 (nf 20). Smaller images keep a 2x2 map (16x16
-seq-synthetic: pooled to 1x1, GPM and Adam-NSCL could no longer learn its later tasks). `identity_shortcut=False` builds the BMKP reference code's
-variant: a block whose input and output shapes match adds nothing to its residual branch
-(only blocks that change shape keep their 1x1 projection shortcut). """
+640 features on 32x32 inputs, 2,560 on 64x64 (nf 20). Smaller images keep a 2x2 map, so the
+head of 16x16 seq-synthetic is not squeezed to one value per channel.
+
+`identity_shortcut=False` builds the BMKP reference code's variant: a block whose input and
+output shapes match adds nothing to its residual branch (only blocks that change shape keep
+their 1x1 projection shortcut).
+"""
 from __future__ import annotations
 
 import torch
