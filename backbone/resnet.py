@@ -8,7 +8,8 @@ head of 16x16 seq-synthetic is not squeezed to one value per channel.
 
 `identity_shortcut=False` builds the BMKP reference code's variant: a block whose input and
 output shapes match adds nothing to its residual branch (only blocks that change shape keep
-their 1x1 projection shortcut).
+their 1x1 projection shortcut). `head_bias=False` gives the heads no bias, as the reference's
+single bias-free linear layer over all classes, of which each task reads its own rows.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ class ResNet(nn.Module):
     def __init__(self, depth: str, nf: int, n_tasks: int, classes_per_task: int,
                  per_task_bn: bool = False, bn_running_stats: bool = True,
                  in_channels: int = 3, identity_shortcut: bool = True,
-                 image_size: int = 32,
+                 head_bias: bool = True, image_size: int = 32,
                  input_mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None
                  ) -> None:
         super().__init__()
@@ -104,7 +105,7 @@ class ResNet(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.pooled_side = max(2, image_size // 16)
         self.feature_dim = in_planes * self.pooled_side ** 2
-        self.heads = nn.ModuleList(nn.Linear(self.feature_dim, classes_per_task)
+        self.heads = nn.ModuleList(nn.Linear(self.feature_dim, classes_per_task, bias=head_bias)
                                    for _ in range(n_tasks))
 
     def features(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:

@@ -66,11 +66,16 @@ def test_shared_config_protocol_and_differing_keys():
          "device": "cpu", "debug_mode": 0}
     b = {**a, "seed": 1, "save_memory": "m-seed1.pt", "nf": 8, "device": "cuda"}
     assert shared_config([a, b]) == {"lr": 0.1, "debug_mode": 0}  # nf and device differ
-    # a run made before --shortcut existed used identity shortcuts
-    assert protocol(a) == {"lr": 0.1, "nf": 4, "debug_mode": 0, "shortcut": "identity"}
+    # a run made before --shortcut and --head_bias existed used identity shortcuts and biases
+    assert protocol(a) == {"lr": 0.1, "nf": 4, "debug_mode": 0, "shortcut": "identity",
+                           "head_bias": 1}
     assert protocol(a) == protocol({**a, "shortcut": "identity"})
     assert protocol(a) != protocol({**a, "shortcut": "none"})
     assert differing_keys([protocol(a), protocol(b)]) == ["nf"]
+    # a method's own later options only fill in that method's runs
+    old_bmkp = {**a, "model": "bmkp"}
+    assert protocol(old_bmkp)["energy"] == "sigma2" and "energy" not in protocol(a)
+    assert protocol(old_bmkp) != protocol({**old_bmkp, "energy": "sigma"})
     assert differing_keys([{"x": 1}, {"x": 1, "y": None}]) == ["y"]
 
 

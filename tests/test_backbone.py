@@ -142,6 +142,19 @@ def test_shortcut_none_keeps_the_projection_shortcuts():
     assert sum(b.shortcut_conv is not None for b in plain.blocks) == 3
 
 
+def test_bias_free_heads_are_linear_in_the_features():
+    """The reference's classifier has no bias: a head maps zero features to zero logits, and
+    its weights are drawn as nn.Linear's (uniform within 1/sqrt(fan_in))."""
+    net = ResNet("resnet18", nf=4, n_tasks=3, classes_per_task=2, head_bias=False)
+    assert all(head.bias is None for head in net.heads)
+    zeros = torch.zeros(5, net.feature_dim)
+    assert torch.equal(net.task_logits(zeros, 1), torch.zeros(5, 2))
+    bound = net.feature_dim ** -0.5
+    assert all(head.weight.abs().max() <= bound for head in net.heads)
+    biased = ResNet("resnet18", nf=4, n_tasks=3, classes_per_task=2)
+    assert all(head.bias is not None for head in biased.heads)
+
+
 def test_dataset_normalisation_is_applied_inside_the_network():
     """Tiny-ImageNet's inputs are standardised by the backbone itself (after augmentation, as
     the reference's transform), so every path that feeds images gets the same input."""

@@ -9,6 +9,7 @@ from datasets.seq_synthetic import SequentialSynthetic
 from models.bmkp import BMKP
 from models.bmkp.long_term_memory import LongTermMemory
 from utils.args import parse_args
+from utils.errors import UserError
 from utils.main import main, seed_everything
 from utils.training import TrainingContext
 
@@ -113,6 +114,26 @@ def test_basis_log_records_each_tasks_basis_size_and_retained_energy(tmp_path):
     assert all(e["retained_energy"] >= 0.96 - 1e-9 or e["columns"] == m.weight.shape[0]
                for (n, e), m in zip(second.items(), model.projected.values()))
     assert model.result_details() == {"bases": model.basis_log}
+
+
+@pytest.mark.parametrize("compat", ["paper", "official"])
+def test_first_task_bases_reach_the_threshold_in_paper_mode_only(tmp_path, compat):
+    """Paper mode keeps the fewest directions that reach --threshold_first; official mode the
+    reference's count, whose cumulative share stays strictly below it."""
+    model, dataset, ctx = build(tmp_path, "--compat", compat, "--retrain_epochs", "0")
+    learn(model, dataset, ctx, 0)
+    retained = [e["retained_energy"] for e in model.basis_log[0].values()]
+    if compat == "paper":
+        assert all(r >= 0.96 - 1e-6 for r in retained)
+    else:
+        assert all(r < 0.96 + 1e-6 for r in retained)
+
+
+def test_official_mode_keeps_the_reference_energy():
+    args = parse_args(["--model", "bmkp", "--dataset", "seq-synthetic", "--compat", "official",
+                       "--energy", "sigma"])
+    with pytest.raises(UserError, match="--compat official keeps the reference's energy"):
+        BMKP.configure(args, SequentialSynthetic)
 
 
 def test_no_basis_update_keeps_the_first_bases(tmp_path):
@@ -244,11 +265,11 @@ def test_official_compat_uses_batch_statistics_on_cifar():
     args = parse_args(["--model", "bmkp", "--dataset", "seq-cifar10", "--compat", "official"])
     BMKP.configure(args, type("Cifar", (), {"NAME": "seq-cifar10"}))
     assert args.bn_running_stats == 0 and args.eval_batch_size == 128
-    assert args.shortcut == "none"  # the reference's network
+    assert args.shortcut == "none" and args.head_bias == 0  # the reference's network
     paper = parse_args(["--model", "bmkp", "--dataset", "seq-cifar10"])
     BMKP.configure(paper, type("Cifar", (), {"NAME": "seq-cifar10"}))
     assert paper.bn_running_stats == 1 and paper.retrain_epochs == paper.n_epochs
-    assert paper.shortcut == "identity"
+    assert paper.shortcut == "identity" and paper.head_bias == 1
 
 
 def test_resnet34_layers_are_found_by_hooks(tmp_path):

@@ -12,23 +12,29 @@ def _matrix(z: torch.Tensor) -> np.ndarray:
     return np.moveaxis(z, 1, 0).reshape(z.shape[1], -1)
 
 
-def _svd_first(zmat: np.ndarray, threshold: float) -> np.ndarray:
+POWERS = {"sigma2": 2, "sigma": 1}
+
+
+def _svd_first(zmat: np.ndarray, threshold: float, energy: str = "sigma2") -> np.ndarray:
     u, s, _ = np.linalg.svd(zmat, full_matrices=False)
-    ratios = np.cumsum(s ** 2) / np.sum(s ** 2)
+    ratios = np.cumsum(s ** POWERS[energy]) / np.sum(s ** POWERS[energy])
     return u[:, :int(np.sum(ratios < threshold))]
 
 
-def _svd_update(zmat: np.ndarray, basis: np.ndarray, threshold: float) -> np.ndarray:
-    """The reference (GPM-style) residual rule, written with a loop over singular values."""
-    total = np.sum(zmat ** 2)
+def _svd_update(zmat: np.ndarray, basis: np.ndarray, threshold: float,
+                energy: str = "sigma2") -> np.ndarray:
+    """The reference (GPM-style) residual rule, written with a loop over singular values;
+    energy="sigma" puts singular values where the reference has their squares."""
+    power = POWERS[energy]
+    total = np.sum(np.linalg.svd(zmat, compute_uv=False) ** power)
     residual = zmat - basis @ basis.T @ zmat
     u, s, _ = np.linalg.svd(residual, full_matrices=False)
-    accumulated = (total - np.sum(residual ** 2)) / total
+    accumulated = (total - np.sum(s ** power)) / total
     count = 0
     for value in s:
         if accumulated >= threshold:
             break
-        accumulated += value ** 2 / total
+        accumulated += value ** power / total
         count += 1
     return np.hstack([basis, u[:, :count]])
 
@@ -93,17 +99,18 @@ def test_first_task_spans_svd_subspace(kind):
         assert basis.shape[1] <= 4
 
 
+@pytest.mark.parametrize("energy", ["sigma2", "sigma"])
 @pytest.mark.parametrize("kind", ["random", "low_rank"])
-def test_residual_update_spans_svd_subspace(kind):
+def test_residual_update_spans_svd_subspace(kind, energy):
     gen = torch.Generator().manual_seed(3)
     first = _random_conv(gen, 6, 12, 4)
-    old = _svd_first(_matrix(first), 0.6)
+    old = _svd_first(_matrix(first), 0.6, energy)
     if kind == "random":
         z, threshold = _random_conv(gen, 6, 12, 4), 0.85
     else:
         z, threshold = _low_rank_conv(gen, 6, 12, 4, rank=5), 0.97
-    expected = _svd_update(_matrix(z), old, threshold)
-    basis = update_basis(activation_gram(z), torch.from_numpy(old), threshold)
+    expected = _svd_update(_matrix(z), old, threshold, energy)
+    basis = update_basis(activation_gram(z), torch.from_numpy(old), threshold, energy)
     assert basis.shape == expected.shape and basis.shape[1] > old.shape[1]
     assert torch.equal(basis[:, :old.shape[1]], torch.from_numpy(old))
     np.testing.assert_allclose(_projector(basis), _projector(expected), atol=1e-8)
@@ -153,6 +160,37 @@ def test_first_task_count_is_strict(threshold, expected):
     ratios = values.sort(descending=True).values.cumsum(0) / values.sum()
     assert int((ratios < threshold).sum()) == expected
     assert update_basis(gram, None, threshold).shape == (4, expected)
+
+
+@pytest.mark.parametrize("threshold, expected", [
+    (0.75, 2),          # the second ratio equals the threshold: reached
+    (0.75 + 1e-9, 3),
+    (0.5, 1),           # the first direction alone reaches it
+    (1.0 - 1e-9, 4),
+])
+def test_first_task_count_that_reaches_the_threshold(threshold, expected):
+    """first_count="reach": the fewest leading directions whose ratio reaches the threshold
+    (eigenvalues 4, 2, 1, 1: cumulative ratios 0.5, 0.75, 0.875, 1)."""
+    gram = torch.diag(torch.tensor([4.0, 2.0, 1.0, 1.0], dtype=torch.float64))
+    basis = update_basis(gram, None, threshold, first_count="reach")
+    assert basis.shape == (4, expected)
+    assert retained_energy(gram, basis) >= threshold
+
+
+def test_sigma_energy_weighs_directions_by_singular_values():
+    """Eigenvalues 16, 4, 1, 1 are singular values 4, 2, 1, 1: at threshold 0.7 the squared
+    rule's ratios (0.73, ...) keep nothing below it, the singular-value rule's (0.5, 0.75)
+    keep one; on an SVD of real activations both match numpy."""
+    gram = torch.diag(torch.tensor([16.0, 4.0, 1.0, 1.0], dtype=torch.float64))
+    assert update_basis(gram, None, 0.7, "sigma2").shape == (4, 0)
+    assert update_basis(gram, None, 0.7, "sigma").shape == (4, 1)
+    gen = torch.Generator().manual_seed(11)
+    z = _low_rank_conv(gen, 6, 12, 4, rank=4) + 0.3 * _random_conv(gen, 6, 12, 4)
+    expected = _svd_first(_matrix(z), 0.8, "sigma")
+    basis = update_basis(activation_gram(z), None, 0.8, "sigma")
+    assert basis.shape == expected.shape
+    assert basis.shape[1] > update_basis(activation_gram(z), None, 0.8).shape[1]
+    np.testing.assert_allclose(_projector(basis), _projector(expected), atol=1e-8)
 
 
 def test_threshold_one_is_lossless():
@@ -211,3 +249,10 @@ def test_retained_energy_matches_projection_of_activations():
 def test_rejects_non_positive_threshold(threshold):
     with pytest.raises(ValueError):
         update_basis(torch.eye(3, dtype=torch.float64), None, threshold)
+
+
+def test_rejects_unknown_energy_or_count():
+    with pytest.raises(ValueError):
+        update_basis(torch.eye(3, dtype=torch.float64), None, 0.9, energy="sigma3")
+    with pytest.raises(ValueError):
+        update_basis(torch.eye(3, dtype=torch.float64), None, 0.9, first_count="above")

@@ -18,7 +18,8 @@ NON_PROTOCOL_KEYS = RUN_KEYS + ("data_path", "device", "num_threads", "channels_
                                 "compile", "quiet", "model_config")
 # Options added after results were written, with the behaviour of the runs made before them,
 # so such older runs share a protocol with newer ones that use that behaviour.
-OPTIONS_ADDED_LATER = {"shortcut": "identity"}
+OPTIONS_ADDED_LATER = {"shortcut": "identity", "head_bias": 1}
+METHOD_OPTIONS_ADDED_LATER = {"bmkp": {"energy": "sigma2"}}
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -72,8 +73,8 @@ def shared_config(configs: Sequence[dict]) -> dict:
 
 def protocol(config: dict) -> dict:
     """The options that define the experiment (config less NON_PROTOCOL_KEYS)."""
-    return {k: v for k, v in {**OPTIONS_ADDED_LATER, **config}.items()
-            if k not in NON_PROTOCOL_KEYS}
+    earlier = {**OPTIONS_ADDED_LATER, **METHOD_OPTIONS_ADDED_LATER.get(config.get("model"), {})}
+    return {k: v for k, v in {**earlier, **config}.items() if k not in NON_PROTOCOL_KEYS}
 
 
 def differing_keys(configs: Sequence[dict]) -> list[str]:

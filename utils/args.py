@@ -115,6 +115,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--shortcut", choices=("identity", "none"), default="identity",
                      help="what a block whose shape does not change adds to its output: x "
                           "(a ResNet), or nothing (the BMKP reference code's network)")
+    net.add_argument("--head_bias", type=switch, default=1,
+                     help="0: the task heads have no bias (the BMKP reference code's classifier)")
     net.add_argument("--per_task_bn", type=switch, default=0,
                      help="1: one BatchNorm set per task, selected by the task id")
     net.add_argument("--bn_running_stats", type=switch, default=1,

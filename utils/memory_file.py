@@ -18,7 +18,7 @@ from utils.errors import UserError
 from utils.results import write_atomic
 
 FORMAT = "long-term-memory/1"
-SAVED_OPTIONS = ("backbone", "nf", "shortcut", "per_task_bn", "bn_running_stats", "channels_last",
+SAVED_OPTIONS = ("backbone", "nf", "shortcut", "head_bias", "per_task_bn", "bn_running_stats", "channels_last",
                  "eval_batch_size", "amp", "seed", "class_order_seed", "validation")
 
 

@@ -115,8 +115,18 @@ def _descending_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.flip(0).clamp_min(0.0), vectors.flip(1)
 
 
-def update_basis(gram: torch.Tensor, basis: torch.Tensor | None,
-                 threshold: float) -> torch.Tensor:
+ENERGIES = ("sigma2", "sigma")
+FIRST_COUNTS = ("below", "reach")
+
+
+def _energy(eigenvalues: torch.Tensor, energy: str) -> torch.Tensor:
+    """The energy of each direction: its squared singular value (a Gram eigenvalue) or its
+    singular value."""
+    return eigenvalues if energy == "sigma2" else eigenvalues.sqrt()
+
+
+def update_basis(gram: torch.Tensor, basis: torch.Tensor | None, threshold: float,
+                 energy: str = "sigma2", first_count: str = "below") -> torch.Tensor:
     """Grow an orthonormal output-space basis until it retains `threshold` of the energy.
 
     gram is the C x C Gram matrix Z Z^T of the current task's layer outputs; basis is the
@@ -124,17 +134,27 @@ def update_basis(gram: torch.Tensor, basis: torch.Tensor | None,
     whose first r columns are the old ones unchanged; new columns are only ever appended, so
     coefficients stored against the old columns stay valid.
 
+    energy="sigma2" measures a direction by its squared singular value (GPM's and the BMKP
+    reference code's rule), "sigma" by its singular value (the BMKP paper's footnote 3), so
+    the same threshold keeps more directions.
+
     - No basis yet: keep the leading eigenvectors whose cumulative energy ratio is strictly
-      below the threshold (the reference implementation's count, without +1; a first
-      eigenvalue that alone reaches the threshold therefore keeps nothing).
+      below the threshold (first_count="below", the reference implementations' count
+      without +1: a first direction that alone reaches the threshold keeps nothing), or the
+      fewest whose ratio reaches it (first_count="reach").
     - Otherwise: take the eigenvectors of the Gram matrix restricted to the orthogonal
       complement of the basis (exactly orthogonal to it by construction) and append them,
-      largest first, while the retained energy ratio is still below the threshold.
+      largest first, while the retained energy ratio is still below the threshold, i.e.
+      until it reaches it. The retained ratio is (E(Z) - E(Z_hat)) / E(Z) with Z_hat the
+      part of Z outside the basis and E the sum of the directions' energies.
     - threshold >= 1 is lossless: the basis is completed to all C columns (B B^T = I).
     - All-zero activations (zero energy) leave the basis unchanged.
     """
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0 (>= 1 means lossless), got {threshold}")
+    if energy not in ENERGIES or first_count not in FIRST_COUNTS:
+        raise ValueError(f"energy must be one of {ENERGIES} and first_count one of "
+                         f"{FIRST_COUNTS}, got {energy!r} and {first_count!r}")
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"gram must be a square matrix, got shape {tuple(gram.shape)}")
     channels = gram.shape[0]
@@ -158,8 +178,11 @@ def update_basis(gram: torch.Tensor, basis: torch.Tensor | None,
         values, vectors = _descending_eigh(gram)
         if threshold >= 1:
             return vectors
-        ratios = values.cumsum(0) / values.sum()
+        energies = _energy(values, energy)
+        ratios = energies.cumsum(0) / energies.sum()
         keep = int((ratios < threshold).sum())
+        if first_count == "reach":
+            keep = min(keep + 1, channels)
         return vectors[:, :keep]
 
     # Columns old.. of a complete QR of the basis span exactly its orthogonal complement.
@@ -169,9 +192,12 @@ def update_basis(gram: torch.Tensor, basis: torch.Tensor | None,
     if threshold >= 1:
         keep = values.shape[0]
     else:
-        retained = (total - residual_gram.trace()) / total
+        energies = _energy(values, energy)
+        total_energy = _energy(_descending_eigh(gram)[0], energy).sum()
+        retained = (total_energy - energies.sum()) / total_energy
         # Retained ratio before appending each vector; appending goes on while it is below.
-        before = retained + torch.cat([values.new_zeros(1), values.cumsum(0)[:-1]]) / total
+        before = retained + torch.cat([values.new_zeros(1),
+                                       energies.cumsum(0)[:-1]]) / total_energy
         keep = int((before < threshold).sum())
     return torch.cat([basis, complement @ vectors[:, :keep]], dim=1)
 

@@ -14,15 +14,20 @@ Two modes (`--compat`):
   statistics, so a test prediction does not depend on the rest of its test batch, and the
   statistics stored with a task are recomputed for the stored weights (a moving average
   over steps taken while the weights moved need not describe them); training epochs use
-  batches of equal size.
+  batches of equal size; the first task's bases keep the fewest directions that reach the
+  threshold.
 - `official`: what the reference implementation's code does, which produced the paper's
   numbers. From the second task on only the 4-D conv weights are trained (later tasks' BN
   sets and heads keep their initial values), so retraining of later tasks has no
   trainable tensor in its forward and changes nothing; on CIFAR, BatchNorm normalises with the
   test batch's statistics (test batches of 128 from one task); every epoch ends on the
-  loader's remainder batch; the network has no identity shortcuts (`--shortcut none`).
+  loader's remainder batch; the network has no identity shortcuts (`--shortcut none`) and
+  its heads no bias (`--head_bias 0`); the first task's bases keep the directions whose
+  cumulative energy stays strictly below the threshold (one fewer than reach it).
 `--reg` picks the regularizer independently: `official` (the code's trace/sum form, default)
-or `paper` (Eq. 4's trace / L1 form); see models/bmkp/regularizer.py.
+or `paper` (Eq. 4's trace / L1 form); see models/bmkp/regularizer.py. `--energy` picks what
+the thresholds measure: squared singular values (`sigma2`, the code's) or singular values
+(`sigma`, the paper's footnote 3; paper mode only).
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ from models.bmkp.regularizer import VARIANTS, compaction_loss
 from models.continual_model import ContinualModel, network_bytes
 from utils.args import fraction, non_negative_float, non_negative_int, positive_int
 from utils.errors import UserError
-from utils.subspace import recording_grams, retained_energy, update_basis
+from utils.subspace import ENERGIES, recording_grams, retained_energy, update_basis
 from utils.training import TrainingContext
 
 # Datasets on which the reference normalises with test-batch statistics (no running stats).
@@ -71,6 +76,9 @@ class BMKP(ContinualModel):
                             help="energy kept by the first task's bases (1.0: lossless)")
         parser.add_argument("--threshold", type=fraction, default=0.96,
                             help="energy the bases must keep for later tasks")
+        parser.add_argument("--energy", choices=ENERGIES, default="sigma2",
+                            help="what the thresholds measure: squared singular values (the "
+                                 "reference code) or singular values (the paper's footnote 3)")
         parser.add_argument("--projection_samples", type=positive_int, default=500,
                             help="training images whose activations build the bases")
         parser.add_argument("--retrain_epochs", type=non_negative_int, default=None,
@@ -86,7 +94,11 @@ class BMKP(ContinualModel):
         if args.retrain_epochs is None:
             args.retrain_epochs = args.n_epochs
         if args.compat == "official":
+            if args.energy != "sigma2":
+                raise UserError("--compat official keeps the reference's energy (squared "
+                                "singular values); drop --energy or use --compat paper")
             args.shortcut = "none"
+            args.head_bias = 0
         if args.compat == "official" and dataset.NAME in OFFICIAL_BATCH_STAT_DATASETS:
             args.bn_running_stats = 0
             args.eval_batch_size = OFFICIAL_EVAL_BATCH
@@ -173,7 +185,9 @@ class BMKP(ContinualModel):
         with recording_grams(self.projected, "output") as grams:
             self.forward_samples(data, ctx, n_samples, task, augment=True, batch_size=batch_size)
         level = self.args.threshold_first if task == 0 else self.args.threshold
-        bases = {name: update_basis(acc.gram, self.memory.basis(name), level)
+        first_count = "below" if self.args.compat == "official" else "reach"
+        bases = {name: update_basis(acc.gram, self.memory.basis(name), level,
+                                    self.args.energy, first_count)
                  for name, acc in grams.items()}
         self.memory.set_bases(bases)
         self.basis_log.append({name: {"columns": basis.shape[1],
