@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from backbone.contract import TaskNetwork
+
 DEPTHS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 
 
@@ -64,7 +66,7 @@ class BasicBlock(nn.Module):
         return F.relu(out)
 
 
-class ResNet(nn.Module):
+class ResNet(TaskNetwork):
     """Forward takes (x, task_id) and returns the logits of that task's classes only.
 
     `task_id` is an int (the whole batch belongs to one task) or a tensor of per-sample task
@@ -129,6 +131,16 @@ class ResNet(nn.Module):
             return all_logits[torch.arange(len(features), device=features.device), task]
         return self.heads[task](features)
 
-    def forward(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
-        return self.task_logits(self.features(x, task), task)
+    def head(self, task: int) -> nn.Module:
+        return self.heads[task]
+
+    def task_modules(self, task: int) -> dict[str, nn.Module]:
+        modules = {f"{name}.sets.{m.set_index(task)}": m.sets[m.set_index(task)]
+                   for name, m in self.named_modules() if isinstance(m, TaskBatchNorm2d)}
+        return {**modules, f"heads.{task}": self.heads[task]}
+
+    def own_modules(self, task: int) -> dict[str, nn.Module]:
+        if self.per_task_bn:
+            return self.task_modules(task)
+        return {f"heads.{task}": self.heads[task]}
 

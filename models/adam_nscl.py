@@ -23,9 +23,9 @@ import argparse
 import torch
 import torch.nn as nn
 
+from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.continual_model import ContinualModel, tensor_bytes
-from models.gpm import conv_layers
 from utils.args import non_negative_int, positive_float
 from utils.training import TrainingContext
 from utils.subspace import recording_grams
@@ -91,10 +91,10 @@ class AdamNSCL(ContinualModel):
                             help="official: the reference code's covariance and projector "
                                  "(see the model's docstring)")
 
-    def __init__(self, net: nn.Module, dataset: SequentialDataset,
+    def __init__(self, net: TaskNetwork, dataset: SequentialDataset,
                  args: argparse.Namespace) -> None:
         super().__init__(net, dataset, args)
-        self.layers = conv_layers(net)
+        self.layers = self.conv_layers()
         self.gram_sums: dict[str, torch.Tensor] = {}
         self.columns: dict[str, int] = {}
 
@@ -103,10 +103,10 @@ class AdamNSCL(ContinualModel):
         the BatchNorm parameters, each group with its own learning rate."""
         conv = [m.weight for m in self.layers.values()]
         conv_ids = {id(p) for p in conv}
-        heads = {id(p) for p in self.net.heads.parameters()}
+        heads = {id(p) for t in range(self.n_tasks) for p in self.net.head(t).parameters()}
         bn = [p for p in self.net.parameters() if id(p) not in conv_ids | heads]
         groups = [{"params": conv, "lr": self.args.lr if task == 0 else self.args.nscl_lr},
-                  {"params": list(self.net.heads[task].parameters()), "lr": self.args.head_lr,
+                  {"params": list(self.net.head(task).parameters()), "lr": self.args.head_lr,
                    "weight_decay": 0.0},
                   {"params": bn, "lr": self.args.bn_lr}]
         projectors = {}

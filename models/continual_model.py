@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
 from utils.errors import UserError
 from utils.training import TrainingContext
@@ -56,7 +57,7 @@ class ContinualModel(nn.Module):
     def configure(cls, args: argparse.Namespace, dataset: type[SequentialDataset]) -> None:
         """Settle options that depend on the dataset, before the backbone is built."""
 
-    def __init__(self, net: nn.Module, dataset: SequentialDataset,
+    def __init__(self, net: TaskNetwork, dataset: SequentialDataset,
                  args: argparse.Namespace) -> None:
         if self.SHARED_BN_REASON and args.per_task_bn:
             raise UserError(f"{self.NAME} {self.SHARED_BN_REASON}, so it cannot use per-task "
@@ -73,6 +74,14 @@ class ContinualModel(nn.Module):
 
     def predict(self, x: torch.Tensor, task: int) -> torch.Tensor:
         return self(x, task).argmax(1)
+
+    def conv_layers(self) -> dict[str, nn.Conv2d]:
+        """The backbone's conv layers, for methods that cannot work without them."""
+        layers = self.net.conv_layers()
+        if not layers:
+            raise UserError(f"{self.NAME} needs a backbone with conv layers; pick one with "
+                            "--backbone")
+        return layers
 
     def reset_optimizer(self, params=None) -> None:
         """Fresh SGD (and step schedule) over `params`, all network parameters by default."""

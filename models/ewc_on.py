@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from datasets.continual_dataset import TaskData
-from models.penalty import PenaltyModel, shared_parameters
+from models.penalty import PenaltyModel
 from utils.args import fraction, non_negative_float, positive_int
 from utils.training import TrainingContext
 
@@ -108,7 +108,7 @@ class EwcOn(PenaltyModel):
     def _vmapped_fisher(self, task: int, data: TaskData,
                         ctx: TrainingContext) -> list[torch.Tensor]:
         """The per-sample Fisher, VMAP_CHUNK samples per vectorised backward pass."""
-        shared = {name: p.detach() for name, p in shared_parameters(self.net).items()}
+        shared = {name: p.detach() for name, p in self.net.shared_parameters().items()}
 
         def log_likelihood(weights: dict, x: torch.Tensor, y: torch.Tensor):
             value = -F.cross_entropy(functional_call(self.net, weights, (x[None], task)), y[None])

@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn as nn
 
+from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.continual_model import ContinualModel, tensor_bytes
 from utils.args import fraction, non_negative_float, positive_int
-from utils.errors import UserError
 from utils.subspace import recording_grams, update_basis
 from utils.training import TrainingContext
 
@@ -35,14 +34,6 @@ from utils.training import TrainingContext
 # runs GPM on its three benchmarks with this reduced ResNet-18 and gives no other values.
 RESNET_SETTING = dict(lr=0.1, batch_size=64, n_epochs=100, gpm_threshold=0.965,
                       gpm_threshold_increment=0.0, gpm_samples=100)
-
-
-def conv_layers(net: nn.Module) -> dict[str, nn.Conv2d]:
-    """The network's conv layers by name (the layers whose inputs define subspaces)."""
-    layers = {name: m for name, m in net.named_modules() if isinstance(m, nn.Conv2d)}
-    if not layers:
-        raise UserError("this method needs a backbone with conv layers")
-    return layers
 
 
 class GPM(ContinualModel):
@@ -61,10 +52,10 @@ class GPM(ContinualModel):
         parser.add_argument("--gpm_samples", type=positive_int, default=100,
                             help="training images whose layer inputs build the bases")
 
-    def __init__(self, net: nn.Module, dataset: SequentialDataset,
+    def __init__(self, net: TaskNetwork, dataset: SequentialDataset,
                  args: argparse.Namespace) -> None:
         super().__init__(net, dataset, args)
-        self.layers = conv_layers(net)
+        self.layers = self.conv_layers()
         self.bases: dict[str, torch.Tensor] = {}
 
     def begin_task(self, task: int, data: TaskData) -> None:
@@ -74,11 +65,7 @@ class GPM(ContinualModel):
             self.reset_optimizer()
             return
         trainable = [m.weight for m in self.layers.values()]
-        trainable += list(self.net.heads[task].parameters())
-        if self.net.per_task_bn:
-            trainable += [p for name, p in self.net.named_parameters()
-                          if f".sets.{task}." in name]
-        self.reset_optimizer(trainable)
+        self.reset_optimizer(trainable + list(self.net.task_parameters(task).values()))
 
     def adjust_gradients(self) -> None:
         """g <- g - (g U) U^T for every conv weight, U the layer's stored input basis."""

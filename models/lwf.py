@@ -23,16 +23,16 @@ import argparse
 import copy
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.continual_model import ContinualModel
 from utils.args import non_negative_float, positive_float
 from utils.training import TrainingContext
 
 
-def heads_logits(net: nn.Module, x: torch.Tensor, n_heads: int) -> list[torch.Tensor]:
+def heads_logits(net: TaskNetwork, x: torch.Tensor, n_heads: int) -> list[torch.Tensor]:
     """Logits of heads 0..n_heads-1 on the same images, from one pass through the features."""
     features = net.features(x, 0)
     return [net.task_logits(features, j) for j in range(n_heads)]
@@ -68,7 +68,7 @@ class Lwf(ContinualModel):
 
     def __init__(self, net, dataset: SequentialDataset, args: argparse.Namespace) -> None:
         super().__init__(net, dataset, args)
-        self.old_net: nn.Module | None = None
+        self.old_net: TaskNetwork | None = None
 
     def begin_task(self, task: int, data: TaskData) -> None:
         super().begin_task(task, data)

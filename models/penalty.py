@@ -18,21 +18,9 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from backbone.resnet import TaskBatchNorm2d
+from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset
 from models.continual_model import ContinualModel, tensor_bytes
-
-
-def shared_parameters(net: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameters every task trains: all but the heads and per-task BatchNorm sets."""
-    task_specific: set[int] = set()
-    heads = getattr(net, "heads", None)
-    if heads is not None:
-        task_specific.update(id(p) for p in heads.parameters())
-    for module in net.modules():
-        if isinstance(module, TaskBatchNorm2d) and len(module.sets) > 1:
-            task_specific.update(id(p) for p in module.parameters())
-    return {name: p for name, p in net.named_parameters() if id(p) not in task_specific}
 
 
 class QuadraticPenalty(nn.Module):
@@ -95,10 +83,10 @@ class PenaltyModel(ContinualModel):
     """Base of the methods whose only state beyond the network is a QuadraticPenalty on the
     shared parameters (no NAME: not a method by itself)."""
 
-    def __init__(self, net: nn.Module, dataset: SequentialDataset,
+    def __init__(self, net: TaskNetwork, dataset: SequentialDataset,
                  args: argparse.Namespace) -> None:
         super().__init__(net, dataset, args)
-        self.penalty = QuadraticPenalty(shared_parameters(net).values())
+        self.penalty = QuadraticPenalty(net.shared_parameters().values())
 
     def memory_breakdown(self) -> dict[str, int]:
         return {**super().memory_breakdown(), **self.penalty.memory_breakdown()}

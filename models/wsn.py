@@ -20,11 +20,11 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from backbone.contract import TaskNetwork
 from torch.func import functional_call
 
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.continual_model import ContinualModel, tensor_bytes
-from models.gpm import conv_layers
 from utils.args import fraction
 from utils.errors import UserError
 from utils.training import TrainingContext
@@ -65,13 +65,13 @@ class WSN(ContinualModel):
                             help="fraction of each conv layer's weights a task's subnetwork "
                                  "uses (WSN's capacity c)")
 
-    def __init__(self, net: nn.Module, dataset: SequentialDataset,
+    def __init__(self, net: TaskNetwork, dataset: SequentialDataset,
                  args: argparse.Namespace) -> None:
         if args.optim_wd > 0:
             raise UserError("wsn freezes earlier tasks' weights by zeroing their gradients, "
                             "and weight decay would still move them: use --optim_wd 0")
         super().__init__(net, dataset, args)
-        self.layers = conv_layers(net)
+        self.layers = self.conv_layers()
         self.scores = nn.ParameterDict()
         for name, conv in self.layers.items():
             score = torch.empty_like(conv.weight)

@@ -142,6 +142,35 @@ def test_shortcut_none_keeps_the_projection_shortcuts():
     assert sum(b.shortcut_conv is not None for b in plain.blocks) == 3
 
 
+@pytest.mark.parametrize("per_task_bn", [False, True])
+def test_contract_splits_parameters_into_each_tasks_own_and_shared(per_task_bn):
+    """Every parameter is either shared or owned by exactly one task; a task owns its head,
+    and its BatchNorm set only when BatchNorm is per task."""
+    net = ResNet("resnet18", nf=4, n_tasks=3, classes_per_task=2, per_task_bn=per_task_bn)
+    own = [net.task_parameters(t) for t in range(3)]
+    shared = net.shared_parameters()
+    names = [n for params in own for n in params] + list(shared)
+    assert sorted(names) == sorted(n for n, _ in net.named_parameters())
+    assert dict(net.named_parameters())["heads.1.weight"] is own[1]["heads.1.weight"]
+    assert any(".sets.2." in n for n in own[2]) == per_task_bn
+    assert all("heads." not in n and (".sets." not in n or not per_task_bn) for n in shared)
+    conv = net.conv_layers()
+    assert len(conv) == 20 and all(f"{n}.weight" in shared for n in conv)
+
+
+def test_task_modules_are_the_head_and_the_normalisation_a_task_uses():
+    shared_bn = ResNet("resnet18", nf=4, n_tasks=3, classes_per_task=2)
+    per_task = ResNet("resnet18", nf=4, n_tasks=3, classes_per_task=2, per_task_bn=True)
+    for net, bn_set in ((shared_bn, 0), (per_task, 2)):
+        modules = net.task_modules(2)
+        assert modules["heads.2"] is net.head(2)
+        assert modules["bn1.sets.%d" % bn_set] is net.bn1.sets[bn_set]
+        assert len(modules) == 1 + sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) // (
+            3 if net.per_task_bn else 1)
+    assert set(shared_bn.own_modules(2)) == {"heads.2"}
+    assert per_task.own_modules(2) == per_task.task_modules(2)
+
+
 def test_bias_free_heads_are_linear_in_the_features():
     """The reference's classifier has no bias: a head maps zero features to zero logits, and
     its weights are drawn as nn.Linear's (uniform within 1/sqrt(fan_in))."""

@@ -14,7 +14,7 @@ from datasets.continual_dataset import TaskData
 from datasets.seq_synthetic import SequentialSynthetic
 from helpers import assert_one_line_error, build_on_cpu, cpu_context, synthetic_argv
 from models import ewc_on
-from models.penalty import QuadraticPenalty, shared_parameters
+from models.penalty import QuadraticPenalty
 from test_training import _check_result, _network_bytes, _run
 from utils.args import parse_args
 from utils.main import main
@@ -48,18 +48,10 @@ def test_penalty_is_zero_at_the_anchor_and_quadratic_away_from_it():
     assert values == pytest.approx([expected, 4 * expected, 9 * expected], rel=1e-5)
 
 
-def test_shared_parameters_leave_out_heads_and_per_task_batchnorm(synthetic_args):
-    _, method = build_on_cpu(synthetic_args, "sgd", "--per_task_bn", "1")
-    names = list(shared_parameters(method.net))
-    assert names and all(not n.startswith("heads.") and ".sets." not in n for n in names)
-    assert sum(".weight" in n and "conv" in n for n in names) == \
-        sum(isinstance(m, nn.Conv2d) for m in method.net.modules())
-
-
 def _independent_fisher(method, data: TaskData, task: int) -> list[torch.Tensor]:
     """Mean over samples of p(y|x) times the squared gradient of log p(y|x) (mammoth's
     estimator), one sample at a time."""
-    params = list(shared_parameters(method.net).values())
+    params = list(method.net.shared_parameters().values())
     method.eval()
     fisher = [torch.zeros_like(p) for p in params]
     for x, y in zip(_images(data), data.y):
@@ -118,7 +110,7 @@ def test_per_sample_fisher_matches_one_backward_pass_per_sample(synthetic_args, 
 def test_batched_fisher_of_one_batch_is_the_squared_summed_gradient(synthetic_args):
     dataset, method = build_on_cpu(synthetic_args, "ewc_on", "--fisher_batch_size", "4")
     data = dataset.train_data(0).subset(torch.arange(4))
-    params = list(shared_parameters(method.net).values())
+    params = list(method.net.shared_parameters().values())
     method.eval()
     log_likelihood = F.log_softmax(method.net(_images(data), 0), dim=1)[torch.arange(4), data.y]
     grads = torch.autograd.grad(log_likelihood.sum(), params)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
 
 from datasets import dataset_classes  # noqa: E402
 from utils.args import OneLineErrorParser, parse_args  # noqa: E402

@@ -36,9 +36,9 @@ import argparse
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from backbone.contract import TaskNetwork
 from torch.func import functional_call
 
-from backbone.resnet import TaskBatchNorm2d
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.bmkp.long_term_memory import LongTermMemory
 from models.bmkp.regularizer import VARIANTS, compaction_loss
@@ -103,15 +103,12 @@ class BMKP(ContinualModel):
             args.bn_running_stats = 0
             args.eval_batch_size = OFFICIAL_EVAL_BATCH
 
-    def __init__(self, net: nn.Module, dataset: SequentialDataset,
+    def __init__(self, net: TaskNetwork, dataset: SequentialDataset,
                  args: argparse.Namespace) -> None:
         super().__init__(net, dataset, args)
         # The reference's loader ends every epoch on a remainder batch (see iterate_batches).
         self.equal_batches = args.compat != "official"
-        self.projected = {f"{name}.weight": module for name, module in net.named_modules()
-                          if isinstance(module, nn.Conv2d)}
-        if not self.projected:
-            raise UserError("bmkp needs a backbone with conv layers to project")
+        self.projected = {f"{name}.weight": module for name, module in self.conv_layers().items()}
         first = next(iter(self.projected.values())).weight
         layout = (torch.contiguous_format if first.is_contiguous() else torch.channels_last)
         self.memory = LongTermMemory({n: m.weight.shape for n, m in self.projected.items()},
@@ -222,7 +219,7 @@ class BMKP(ContinualModel):
         with them and near 100% with exact ones). One no-grad pass over the task's training
         batches, augmented as in training, with the recomposed weights and a cumulative
         average (momentum None) replaces them."""
-        bn_layers = [m for m in self._task_modules(task).values()
+        bn_layers = [m for m in self.net.task_modules(task).values()
                      if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
         if not bn_layers:
             return
@@ -254,19 +251,12 @@ class BMKP(ContinualModel):
                 for x, _, _ in ctx.batches(data, f"retrain {epoch + 1}/{self.args.retrain_epochs}"):
                     functional_call(self.net, weights, (x, task))
 
-    def _task_modules(self, task: int) -> dict[str, nn.Module]:
-        """The working memory's per-task state for `task`: its BN set and its head, by name."""
-        modules = {f"{name}.sets.{m.set_index(task)}": m.sets[m.set_index(task)]
-                   for name, m in self.net.named_modules() if isinstance(m, TaskBatchNorm2d)}
-        modules[f"heads.{task}"] = self.net.heads[task]
-        return modules
-
     def _task_head_and_bn(self, task: int) -> list[nn.Parameter]:
-        return [p for m in self._task_modules(task).values() for p in m.parameters()]
+        return [p for m in self.net.task_modules(task).values() for p in m.parameters()]
 
     def _task_extras(self, task: int) -> dict[str, torch.Tensor]:
         """The task's BN set and head (floating-point state only), under their names."""
-        return {f"{name}.{key}": value for name, module in self._task_modules(task).items()
+        return {f"{name}.{key}": value for name, module in self.net.task_modules(task).items()
                 for key, value in module.state_dict().items() if value.is_floating_point()}
 
     def memory_breakdown(self) -> dict[str, int]:
