@@ -1,6 +1,7 @@
 """Helpers shared by the test modules (fixtures live in conftest.py)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -9,13 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
+from backbone import build_backbone
+from datasets.seq_synthetic import SequentialSynthetic
 from utils.args import parse_args
-from utils.main import build
+from utils.main import build, main
+from utils.metrics import summarize
 from utils.training import TrainingContext
 
 CPU = torch.device("cpu")
 
 REPO = Path(__file__).resolve().parent.parent
+N_TASKS = SequentialSynthetic.N_TASKS
+KEYS = {"model", "dataset", "seed", "started_at", "finished_at", "accuracy_matrix",
+        "avg_accuracy", "final_acc", "bwt", "forgetting", "phase_times", "total_time_s",
+        "memory", "config", "environment"}
 
 
 def synthetic_argv(results_dir: Path, *extra: str, model: str = "sgd") -> list[str]:
@@ -90,3 +98,59 @@ def build_on_cpu(synthetic_args, model: str, *extra: str):
     """The synthetic dataset and a method around a fresh small backbone (seed 0)."""
     torch.manual_seed(0)
     return build(synthetic_args(*extra, model=model), CPU)
+
+
+def run_synthetic(tmp_path: Path, capsys, *extra: str, model: str = "sgd") -> tuple[dict, Path]:
+    results_dir = tmp_path / "results"
+    assert main(synthetic_argv(results_dir, *extra, model=model)) == 0
+    out, err = capsys.readouterr()
+    files = list(results_dir.rglob("*"))
+    written = [f for f in files if f.is_file()]
+    assert len(written) == 1, files  # one JSON and no temporary file left over
+    path = written[0]
+    assert path.parent == results_dir / "seq-synthetic" / model
+    assert path.suffix == ".json" and path.stem.endswith("-seed" + str(seed_of(extra)))
+    assert str(path) in out and err == ""
+    return json.loads(path.read_text()), path
+
+
+def seed_of(extra) -> int:
+    extra = list(extra)
+    return int(extra[extra.index("--seed") + 1]) if "--seed" in extra else 0
+
+
+def check_result(result: dict, model: str) -> None:
+    assert KEYS <= set(result)
+    assert (result["model"], result["dataset"]) == (model, "seq-synthetic")
+    matrix = result["accuracy_matrix"]
+    assert [len(row) for row in matrix] == list(range(1, N_TASKS + 1))  # lower-triangular
+    assert all(0.0 <= a <= 100.0 for row in matrix for a in row)
+    recomputed = summarize(matrix)
+    for key in ("avg_accuracy", "final_acc", "bwt", "forgetting"):
+        assert result[key] == pytest.approx(recomputed[key]), key
+
+    times = result["phase_times"]
+    assert len(times) == N_TASKS
+    assert all(t["train"] > 0 and t["eval"] > 0 for t in times)
+    assert sum(sum(t.values()) for t in times) <= result["total_time_s"]
+
+    memory = result["memory"]
+    assert memory["breakdown_bytes"]["network"] > 0
+    assert memory["total_mb"] == pytest.approx(sum(memory["breakdown_bytes"].values()) / 2**20)
+    assert memory["breakdown_mb"] == pytest.approx(
+        {k: v / 2**20 for k, v in memory["breakdown_bytes"].items()})
+
+    config = result["config"]
+    assert (config["model"], config["dataset"], config["seed"]) == \
+        (model, "seq-synthetic", result["seed"])
+    assert config["nf"] == 8
+    assert result["environment"]["torch"] == torch.__version__
+    assert result["environment"]["device"] == "cpu"
+
+
+def network_bytes(*extra: str, model: str) -> int:
+    """Parameters and float buffers of the run's backbone, counted from its state dict."""
+    args = parse_args(synthetic_argv(Path("unused"), *extra, model=model))
+    net = build_backbone(args, SequentialSynthetic)
+    return sum(t.numel() * t.element_size() for t in net.state_dict().values()
+               if t.is_floating_point())

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from backbone import build_backbone
 from datasets.continual_dataset import TaskData
 from datasets.seq_synthetic import SequentialSynthetic
-from helpers import assert_one_line_error, build_on_cpu, cpu_context, synthetic_argv
+from helpers import (assert_one_line_error, build_on_cpu, check_result, cpu_context,
+                     network_bytes, run_synthetic, synthetic_argv)
 from models import ewc_on
 from models.penalty import QuadraticPenalty
-from test_training import _check_result, _network_bytes, _run
 from utils.args import parse_args
 from utils.main import main
 
@@ -213,10 +213,10 @@ def _shared_bytes(*extra: str, model: str) -> int:
 ])
 def test_run_writes_a_complete_result_with_its_memory(tmp_path, capsys, model, extra):
     extra = ("--n_epochs", "1", *extra)
-    result, _ = _run(tmp_path, capsys, *extra, model=model)
-    _check_result(result, model)
+    result, _ = run_synthetic(tmp_path, capsys, *extra, model=model)
+    check_result(result, model)
     breakdown = result["memory"]["breakdown_bytes"]
-    network = _network_bytes(*extra, model=model)
+    network = network_bytes(*extra, model=model)
     if model == "lwf":  # the frozen copy lives only while a task is trained
         assert breakdown == {"network": network}
     else:
