@@ -94,7 +94,9 @@ class AdamNSCL(ContinualModel):
     def __init__(self, net: TaskNetwork, dataset: SequentialDataset,
                  args: argparse.Namespace) -> None:
         super().__init__(net, dataset, args)
+        self.refuse_momentum("Adam")
         self.layers = self.conv_layers()
+        self.projectors: dict[nn.Parameter, torch.Tensor] = {}
         self.gram_sums: dict[str, torch.Tensor] = {}
         self.columns: dict[str, int] = {}
 
@@ -116,8 +118,11 @@ class AdamNSCL(ContinualModel):
                 projectors[layer.weight] = null_space_projector(
                     covariance, self.args.nscl_eigen_ratio,
                     normalize=self.args.compat == "official").to(layer.weight)
-        self.optimizer = NullSpaceAdam(groups, projectors, weight_decay=self.args.optim_wd)
-        self.scheduler = None
+        self.projectors = projectors
+        self.reset_optimizer(groups)
+
+    def make_optimizer(self, params: list) -> torch.optim.Optimizer:
+        return NullSpaceAdam(params, self.projectors, weight_decay=self.args.optim_wd)
 
     def end_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         """Add this task's input patches to every layer's running covariance."""

@@ -83,11 +83,24 @@ class ContinualModel(nn.Module):
                             "--backbone")
         return layers
 
+    def make_optimizer(self, params: list) -> torch.optim.Optimizer:
+        """The optimizer over `params` (tensors or parameter groups): SGD with --lr,
+        --optim_mom and --optim_wd. A method with another optimizer overrides this and
+        refuses, in __init__, the common options it cannot honour."""
+        return torch.optim.SGD(params, lr=self.args.lr, momentum=self.args.optim_mom,
+                               weight_decay=self.args.optim_wd)
+
+    def refuse_momentum(self, optimizer_name: str) -> None:
+        """For methods whose optimizer has no SGD momentum: a clear error, not a silent no-op."""
+        if self.args.optim_mom:
+            raise UserError(f"{self.NAME} trains with {optimizer_name}, which has no SGD "
+                            "momentum; drop --optim_mom")
+
     def reset_optimizer(self, params=None) -> None:
-        """Fresh SGD (and step schedule) over `params`, all network parameters by default."""
+        """A fresh optimizer (make_optimizer) over `params`, all network parameters by
+        default, with the --lr_step schedule."""
         params = list(self.net.parameters() if params is None else params)
-        self.optimizer = torch.optim.SGD(params, lr=self.args.lr, momentum=self.args.optim_mom,
-                                         weight_decay=self.args.optim_wd)
+        self.optimizer = self.make_optimizer(params)
         self.scheduler = None
         if self.args.lr_step:
             self.scheduler = torch.optim.lr_scheduler.StepLR(

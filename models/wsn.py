@@ -71,6 +71,7 @@ class WSN(ContinualModel):
             raise UserError("wsn freezes earlier tasks' weights by zeroing their gradients, "
                             "and weight decay would still move them: use --optim_wd 0")
         super().__init__(net, dataset, args)
+        self.refuse_momentum("Adam")
         self.layers = self.conv_layers()
         self.scores = nn.ParameterDict()
         for name, conv in self.layers.items():
@@ -109,9 +110,10 @@ class WSN(ContinualModel):
     def begin_task(self, task: int, data: TaskData) -> None:
         """A fresh Adam (the reference's optimizer) over weights, scores, heads and BN. Frozen
         weights get zero gradients from the first step, so Adam never moves them."""
-        self.optimizer = torch.optim.Adam([*self.net.parameters(), *self.scores.parameters()],
-                                          lr=self.args.lr)
-        self.scheduler = None
+        self.reset_optimizer([*self.net.parameters(), *self.scores.parameters()])
+
+    def make_optimizer(self, params: list) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=self.args.lr)
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: int) -> torch.Tensor:
         logits = self._masked_forward(x, task, self._current_masks(straight_through=True))

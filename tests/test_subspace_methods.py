@@ -186,6 +186,20 @@ def test_wsn_refuses_weight_decay(tmp_path, capsys):
                                                        model="wsn"), "--optim_wd 0")
 
 
+@pytest.mark.parametrize("model", ["wsn", "adam_nscl"])
+def test_adam_methods_refuse_momentum_and_follow_the_lr_schedule(synthetic_args, tmp_path,
+                                                                  capsys, model):
+    """Their optimizer is Adam: SGD momentum is refused, the step schedule applies."""
+    assert_one_line_error(capsys, main, synthetic_argv(tmp_path, "--optim_mom", "0.9",
+                                                       model=model), "drop --optim_mom")
+    dataset, method = build_on_cpu(synthetic_args, model, "--lr_step", "1", "--lr_gamma", "0.5")
+    method.begin_task(0, dataset.train_data(0))
+    assert isinstance(method.optimizer, torch.optim.Adam)
+    lrs = [group["lr"] for group in method.optimizer.param_groups]
+    method.scheduler.step()
+    assert [group["lr"] for group in method.optimizer.param_groups] == [lr / 2 for lr in lrs]
+
+
 @pytest.mark.parametrize("model,component", [("gpm", "gpm_bases"),
                                              ("adam_nscl", "nscl_covariance"),
                                              ("wsn", "wsn_masks_packed")])
