@@ -25,10 +25,11 @@ import torch.nn as nn
 
 from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
-from models.continual_model import ContinualModel, tensor_bytes
-from utils.args import non_negative_int, positive_float
-from utils.training import TrainingContext
+from models.continual_model import ContinualModel
+from utils.context import TrainingContext
+from utils.sizes import tensor_bytes
 from utils.subspace import recording_grams
+from utils.validators import non_negative_int, positive_float
 
 # The reference's logged runs (our_results/ of ShipengWang/Adam-NSCL): CIFAR-100 10 tasks:
 # 80 epochs, batch 32, lr 1e-4 (first task), svd_lr 5e-5, head_lr 1e-3, bn_lr 5e-4,

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.replay import ReplayModel
+from utils.context import TrainingContext
 from utils.errors import UserError
-from utils.training import TrainingContext
 
 # Best values with a 500-image buffer from mammoth's utils/best_args.py (aimagelab/mammoth,
 # the DER paper's grid search).

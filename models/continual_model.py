@@ -15,12 +15,9 @@ import torch.nn.functional as F
 
 from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
+from utils.context import TrainingContext
 from utils.errors import UserError
-from utils.training import TrainingContext
-
-
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+from utils.sizes import network_bytes
 
 
 def check_finite(loss: torch.Tensor | None, where: str) -> None:
@@ -29,12 +26,6 @@ def check_finite(loss: torch.Tensor | None, where: str) -> None:
     if loss is not None and not bool(torch.isfinite(loss).all()):
         raise UserError(f"training diverged in {where}: the loss is {loss.item()}; lower --lr "
                         "or the method's regularisation weight")
-
-
-def network_bytes(module: nn.Module) -> int:
-    """Parameters plus floating-point buffers (e.g. BatchNorm running statistics)."""
-    buffers = (b for b in module.buffers() if b.is_floating_point())
-    return tensor_bytes(module.parameters()) + tensor_bytes(buffers)
 
 
 class ContinualModel(nn.Module):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from models.der import Der
-from utils.args import non_negative_float
+from utils.validators import non_negative_float
 
 # Best values with a 500-image buffer from mammoth's utils/best_args.py (aimagelab/mammoth,
 # the DER paper's grid search).

@@ -41,8 +41,8 @@ from torch.func import functional_call, grad, vmap
 
 from datasets.continual_dataset import TaskData
 from models.penalty import PenaltyModel
-from utils.args import fraction, non_negative_float, positive_int
-from utils.training import TrainingContext
+from utils.context import TrainingContext
+from utils.validators import fraction, non_negative_float, positive_int
 
 
 VMAP_CHUNK = 64  # images per vmap call on CUDA (2,048 on an H200: 16: 3.3 s, 32: 1.8 s, 64: 0.9 s)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from datasets.continual_dataset import SequentialDataset
 from models.agem import Agem
-from utils.args import non_negative_float
 from utils.errors import UserError
+from utils.validators import non_negative_float
 
 try:
     import quadprog

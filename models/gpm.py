@@ -24,10 +24,11 @@ import torch
 
 from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
-from models.continual_model import ContinualModel, tensor_bytes
-from utils.args import fraction, non_negative_float, positive_int
+from models.continual_model import ContinualModel
+from utils.context import TrainingContext
+from utils.sizes import tensor_bytes
 from utils.subspace import recording_grams, update_basis
-from utils.training import TrainingContext
+from utils.validators import fraction, non_negative_float, positive_int
 
 # The reference's ResNet-18 setting (5-Datasets, main_five_dataset.py of sahagobinda/GPM):
 # lr 0.1, batch 64, up to 100 epochs, threshold 0.965 for every layer and task. The BMKP paper

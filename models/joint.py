@@ -4,9 +4,10 @@ import argparse
 import copy
 
 from datasets.continual_dataset import SequentialDataset, TaskData
-from models.continual_model import ContinualModel, tensor_bytes
+from models.continual_model import ContinualModel
 from models.sgd import MAMMOTH_BEST
-from utils.training import TrainingContext
+from utils.context import TrainingContext
+from utils.sizes import tensor_bytes
 
 
 class Joint(ContinualModel):

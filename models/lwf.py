@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.continual_model import ContinualModel
-from utils.args import non_negative_float, positive_float
-from utils.training import TrainingContext
+from utils.context import TrainingContext
+from utils.validators import non_negative_float, positive_float
 
 
 def heads_logits(net: TaskNetwork, x: torch.Tensor, n_heads: int) -> list[torch.Tensor]:

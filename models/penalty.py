@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset
-from models.continual_model import ContinualModel, tensor_bytes
+from models.continual_model import ContinualModel
+from utils.sizes import tensor_bytes
 
 
 class QuadraticPenalty(nn.Module):

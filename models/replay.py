@@ -15,9 +15,9 @@ import torch
 
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.continual_model import ContinualModel
-from utils.args import positive_int
 from utils.buffer import ReplaySample, ReservoirBuffer
-from utils.training import TrainingContext
+from utils.context import TrainingContext
+from utils.validators import positive_int
 
 
 class ReplayModel(ContinualModel):

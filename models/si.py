@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.penalty import PenaltyModel
-from utils.args import non_negative_float, positive_float
-from utils.training import TrainingContext
+from utils.context import TrainingContext
+from utils.validators import non_negative_float, positive_float
 
 
 class Si(PenaltyModel):

@@ -24,10 +24,11 @@ from backbone.contract import TaskNetwork
 from torch.func import functional_call
 
 from datasets.continual_dataset import SequentialDataset, TaskData
-from models.continual_model import ContinualModel, tensor_bytes
-from utils.args import fraction
+from models.continual_model import ContinualModel
+from utils.context import TrainingContext
 from utils.errors import UserError
-from utils.training import TrainingContext
+from utils.sizes import tensor_bytes
+from utils.validators import fraction
 
 
 def top_fraction_mask(scores: torch.Tensor, density: float) -> torch.Tensor:

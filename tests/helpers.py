@@ -13,9 +13,10 @@ from PIL import Image
 from backbone import build_backbone
 from datasets.seq_synthetic import SequentialSynthetic
 from utils.args import parse_args
-from utils.main import build, main
+from utils.context import TrainingContext
+from utils.main import main
 from utils.metrics import summarize
-from utils.training import TrainingContext
+from utils.setup import build
 
 CPU = torch.device("cpu")
 

@@ -9,9 +9,10 @@ from datasets.seq_synthetic import SequentialSynthetic
 from models.bmkp import BMKP
 from models.bmkp.long_term_memory import LongTermMemory
 from utils.args import parse_args
+from utils.context import TrainingContext
 from utils.errors import UserError
-from utils.main import main, seed_everything
-from utils.training import TrainingContext
+from utils.main import main
+from utils.setup import seed_everything
 
 # Conv layers of ResNet-18 with nf=2 written out by hand: (out channels, in*kh*kw).
 NF2_CONVS = ([(2, 27)] + [(2, 18)] * 4

@@ -14,7 +14,8 @@ from helpers import assert_one_line_error, synthetic_argv
 from models.agem import project
 from models.gem import project_to_cone
 from utils.buffer import ReservoirBuffer
-from utils.main import build, main
+from utils.main import main
+from utils.setup import build
 
 REPLAY_MODELS = ("er", "agem", "gem", "der", "derpp")
 IMAGE_BYTES = 3 * SequentialSynthetic.IMAGE_SIZE ** 2  # one uint8 image

@@ -22,13 +22,13 @@ import torchvision.datasets.cifar as tv_cifar
 from PIL import Image
 
 import datasets.sources as sources
+from datasets.continual_dataset import RawSplits, SequentialDataset
 from datasets.seq_cifar10 import SequentialCIFAR10
 from datasets.seq_cifar100 import SequentialCIFAR100
 from datasets.seq_tinyimg import SequentialTinyImageNet
-from datasets.continual_dataset import RawSplits, SequentialDataset
 from helpers import assert_one_line_error, dataset_args, decode_file, write_image_folders
-from utils.main import main
 from utils.errors import UserError
+from utils.main import main
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                  "ship", "truck"]

@@ -16,8 +16,10 @@ import torch
 
 from datasets.continual_dataset import SequentialDataset, to_model_input
 from models.continual_model import ContinualModel
-from utils.main import build, run, seed_everything, thread_counts
-from utils.training import TrainingContext, evaluate, run_tasks
+from utils.context import TrainingContext
+from utils.main import run
+from utils.setup import build, seed_everything, thread_counts
+from utils.training import evaluate, run_tasks
 
 CPU = torch.device("cpu")
 LAYOUTS = {1: torch.channels_last, 0: torch.contiguous_format}

@@ -15,9 +15,9 @@ from datasets.continual_dataset import to_model_input
 from datasets.seq_synthetic import SequentialSynthetic
 from helpers import assert_one_line_error, build_on_cpu, cpu_context, synthetic_argv
 from models.adam_nscl import null_space_projector
+from utils.context import TrainingContext
 from utils.main import main
 from utils.subspace import patch_gram
-from utils.training import TrainingContext
 
 
 def _learn(method, dataset, task: int, ctx: TrainingContext) -> None:

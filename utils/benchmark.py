@@ -23,11 +23,13 @@ import torch.nn.functional as F  # noqa: E402
 from datasets import dataset_classes  # noqa: E402
 from datasets.continual_dataset import TaskData  # noqa: E402
 from models import model_classes  # noqa: E402
-from utils.args import parse_args, positive_int  # noqa: E402
+from utils.args import parse_args  # noqa: E402
+from utils.context import TrainingContext  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.main import prepare_backbone, resolve_device, seed_everything, set_threads  # noqa: E402
 from utils.results import environment, result_path, write_json_atomic  # noqa: E402
-from utils.training import TrainingContext, evaluate  # noqa: E402
+from utils.setup import prepare_backbone, resolve_device, seed_everything, set_threads  # noqa: E402
+from utils.training import evaluate  # noqa: E402
+from utils.validators import positive_int  # noqa: E402
 
 # Epochs of learning + retraining per task in the paper's CIFAR-10 protocol.
 PAPER_EPOCHS_PER_TASK = 50 + 50

@@ -12,7 +12,7 @@ import torch
 
 from datasets.augment import random_crop_flip
 from datasets.continual_dataset import to_model_input
-from models.continual_model import tensor_bytes
+from utils.sizes import tensor_bytes
 
 
 class ReplaySample(NamedTuple):

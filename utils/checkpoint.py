@@ -16,9 +16,10 @@ import torch
 
 from models.continual_model import ContinualModel
 from utils.aggregate import differing_keys, protocol
+from utils.context import TrainingContext
 from utils.errors import UserError
 from utils.results import write_atomic
-from utils.training import Progress, TrainingContext
+from utils.training import Progress
 
 
 def checkpoint_path(args: argparse.Namespace) -> Path:

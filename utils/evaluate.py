@@ -16,10 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datasets import dataset_classes  # noqa: E402
 from utils.args import OneLineErrorParser, parse_args  # noqa: E402
+from utils.context import TrainingContext  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.main import build, resolve_device, seed_everything  # noqa: E402
 from utils.memory_file import load_memory  # noqa: E402
-from utils.training import TrainingContext, evaluate  # noqa: E402
+from utils.setup import build, resolve_device, seed_everything  # noqa: E402
+from utils.training import evaluate  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.args import OneLineErrorParser, positive_int  # noqa: E402
+from utils.args import OneLineErrorParser  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.validators import positive_int  # noqa: E402
 
 MAIN = Path(__file__).resolve().parent / "main.py"
 CONFIG_KEYS = {"models", "datasets", "seeds", "grid", "options", "results_dir"}

@@ -42,11 +42,12 @@ from torch.func import functional_call
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.bmkp.long_term_memory import LongTermMemory
 from models.bmkp.regularizer import VARIANTS, compaction_loss
-from models.continual_model import ContinualModel, network_bytes
-from utils.args import fraction, non_negative_float, non_negative_int, positive_int
+from models.continual_model import ContinualModel
+from utils.context import TrainingContext
 from utils.errors import UserError
+from utils.sizes import network_bytes
 from utils.subspace import ENERGIES, recording_grams, retained_energy, update_basis
-from utils.training import TrainingContext
+from utils.validators import fraction, non_negative_float, non_negative_int, positive_int
 
 # Datasets on which the reference normalises with test-batch statistics (no running stats).
 OFFICIAL_BATCH_STAT_DATASETS = ("seq-cifar10", "seq-cifar100")
