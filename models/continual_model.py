@@ -18,6 +18,7 @@ from datasets.continual_dataset import SequentialDataset, TaskData
 from utils.context import TrainingContext
 from utils.errors import UserError
 from utils.sizes import network_bytes
+from utils.tables import PaperTable
 
 
 def check_finite(loss: torch.Tensor | None, where: str) -> None:
@@ -36,6 +37,8 @@ class ContinualModel(nn.Module):
     BEST_CONFIGS: ClassVar[dict[str, dict]] = {}
     # Why the method needs one BatchNorm set for all tasks (None: per-task BN is fine).
     SHARED_BN_REASON: ClassVar[str | None] = None
+    # The method's own tables in the paper's report beyond Table 1 (see utils/tables.py).
+    PAPER_TABLES: ClassVar[tuple[PaperTable, ...]] = ()
     # Training epochs are split into batches of equal size (no remainder batch); a method
     # reproducing a reference loader's remainder batch turns this off.
     equal_batches: bool = True
@@ -168,6 +171,10 @@ class ContinualModel(nn.Module):
         """What the method reports in the result JSON beside the common fields (under
         "method"), so runs can be compared without rerunning them; nothing by default."""
         return {}
+
+    def export(self) -> None:
+        """Called once the run's result is written: save whatever the method's options ask
+        to keep beyond the result (BMKP: --save_memory); nothing by default."""
 
     def checkpoint_state(self) -> dict:
         """What the method carries from one task to the next, for --checkpoint_dir: the

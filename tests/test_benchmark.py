@@ -4,15 +4,16 @@ import json
 from utils.benchmark import main
 
 
-def test_benchmark_reports_throughput_bound_and_projection(tmp_path, capsys):
+def test_benchmark_reports_throughput_bound_and_end_of_task_work(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["--dataset", "seq-synthetic", "--nf", "4", "--batch_size", "16", "--steps", "2",
                  "--num_threads", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     for key in ("train_images_per_s", "bound_images_per_s", "ratio_to_bound",
-                "eval_images_per_s", "projection_s", "projection_share_of_paper_task",
-                "peak_rss_mb"):
+                "eval_images_per_s", "end_of_task_share", "peak_rss_mb"):
         assert report[key] > 0, key
+    assert report["end_of_task_s"]["projection"] > 0
+    assert report["epochs_per_task"] == 20  # seq-synthetic's 10 epochs, then 10 of retraining
     assert report["setup"]["model"] == "bmkp" and report["data"] == "real"
     assert "ratio_to_bound" in capsys.readouterr().out
 
@@ -22,5 +23,6 @@ def test_benchmark_of_a_method_without_projection(tmp_path):
     assert main(["--model", "ewc_on", "--nf", "4", "--batch_size", "16", "--steps", "2",
                  "--num_threads", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["data"] == "random" and "projection_s" not in report
-    assert report["train_images_per_s"] > 0 and report["end_task_s"] > 0  # the Fisher
+    assert report["data"] == "random" and "projection" not in report["end_of_task_s"]
+    assert report["train_images_per_s"] > 0
+    assert report["end_of_task_s"]["end_task"] > 0  # the Fisher

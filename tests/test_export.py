@@ -1,10 +1,10 @@
-"""Long-term memory export (utils/main.py --save_memory) and its evaluation (utils/evaluate.py)."""
+"""BMKP's long-term memory export (--save_memory) and its evaluation (models/bmkp/evaluate.py)."""
 import json
 
 import torch
 
 from helpers import assert_one_line_error, synthetic_argv
-from utils import evaluate as evaluate_script
+from models.bmkp import evaluate as evaluate_script
 from utils.main import main
 
 # Small enough for seconds on one thread, yet learning well above chance (50%). BatchNorm uses
@@ -63,8 +63,7 @@ def test_saved_file_holds_the_memory_and_options_and_fits_one_dataset(tmp_path, 
 
 def test_save_memory_of_a_model_without_one_fails_before_training(tmp_path, capsys):
     argv = synthetic_argv(tmp_path / "results", "--save_memory", str(tmp_path / "m.pt"))
-    assert_one_line_error(capsys, main, argv, "--save_memory needs a method with a long-term "
-                          "memory", "sgd has none", "drop --save_memory")
+    assert_one_line_error(capsys, main, argv, "unrecognized arguments: --save_memory")
     assert not (tmp_path / "results").exists() and not (tmp_path / "m.pt").exists()
 
 

@@ -70,9 +70,6 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                           "DIR/<dataset>-<model>-seed<S>.pt")
     exp.add_argument("--resume", action="store_true",
                      help="continue from the last task saved in --checkpoint_dir")
-    exp.add_argument("--save_memory", type=Path, default=None, metavar="FILE",
-                     help="after the run, save the long-term memory (bmkp) for "
-                          "utils/evaluate.py; with several seeds FILE-seed<S>.<ext> each")
 
     train = parser.add_argument_group("training")
     train.add_argument("--n_epochs", type=positive_int, default=50)

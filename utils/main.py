@@ -17,7 +17,6 @@ from utils.aggregate import aggregate_runs, shared_config  # noqa: E402
 from utils.args import parse_args  # noqa: E402
 from utils.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.memory_file import check_exportable, per_seed_path, save_memory  # noqa: E402
 from utils.results import (aggregate_path, environment, result_path,  # noqa: E402
                            write_json_atomic)
 from utils.context import TrainingContext  # noqa: E402
@@ -27,13 +26,11 @@ from utils.training import run_tasks  # noqa: E402
 
 def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
     """Build dataset and model from the options, learn all tasks, write the result JSON
-    (and the long-term memory with --save_memory)."""
+    then let the method export what it keeps (e.g. BMKP's --save_memory)."""
     set_threads(args.num_threads)
     device = resolve_device(args.device)
     seed_everything(args.seed)
     dataset, model = build(args, device)
-    if args.save_memory is not None:
-        check_exportable(model, args.save_memory)
     show_progress = not args.quiet and sys.stderr.isatty()
     ctx = TrainingContext(device, args.batch_size, args.eval_batch_size,
                           debug=bool(args.debug_mode), show_progress=show_progress,
@@ -59,8 +56,7 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
     }
     path = result_path(args.results_dir, args.dataset, args.model, args.seed)
     write_json_atomic(result, path)
-    if args.save_memory is not None:
-        save_memory(model, args, args.save_memory)
+    model.export()
     return result, path
 
 
@@ -81,8 +77,6 @@ def run_seeds(args: argparse.Namespace, seeds: list[int], log=print) -> tuple[di
     for seed in seeds:
         run_args = argparse.Namespace(**vars(args))  # run() settles options in place
         run_args.seed = seed
-        if args.save_memory is not None:
-            run_args.save_memory = per_seed_path(args.save_memory, seed)
         result, path = run(run_args, log)
         print(run_summary(result, path))
         results.append(result)

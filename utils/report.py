@@ -24,21 +24,18 @@ from typing import Callable, Hashable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from models import model_classes  # noqa: E402
 from utils.aggregate import aggregate_runs, differing_keys, protocol  # noqa: E402
 from utils.args import OneLineErrorParser  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.figures import accuracy_heatmap, task_curves  # noqa: E402
 from utils.results import write_atomic  # noqa: E402
+from utils.tables import PaperTable  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "result" / "reference" / "bmkp_paper.json"
 PAPER_DATASETS = ("seq-cifar10", "seq-cifar100", "seq-tinyimg")
 FEW, DUPLICATE = "few", "dup"
-# Table 2's rows, in the paper's order: (no_basis_update, no retraining) -> row.
-ABLATIONS = {(True, False): (0, "without basis updating", "no_basis_update"),
-             (False, True): (1, "without retraining", "no_retraining"),
-             (True, True): (2, "without basis updating or retraining", None),
-             (False, False): (3, "full", "full")}
 
 
 @dataclass
@@ -263,19 +260,9 @@ def method_variant(g: Group) -> tuple[str, str, str]:
     return g.model, g.model, g.model
 
 
-def _ablation(g: Group) -> tuple[bool, bool]:
-    return bool(g.protocol.get("no_basis_update")), g.protocol.get("retrain_epochs") == 0
-
-
-def ablation_variant(g: Group) -> tuple[int, str, str | None] | None:
-    return ABLATIONS[_ablation(g)] if g.model == "bmkp" else None
-
-
-def lambda_variant(g: Group) -> tuple[float, str, float] | None:
-    if g.model != "bmkp" or any(_ablation(g)) or "lambd" not in g.protocol:
-        return None
-    lam = float(g.protocol["lambd"])
-    return lam, f"lambda = {lam:g}", lam
+def method_table_variant(model: str, spec: PaperTable) -> Variant:
+    """A method's own table: its runs, placed by the table's row rule."""
+    return lambda g: spec.row(g.protocol) if g.model == model else None
 
 
 def legend(rows: list[Row], most_seeds: int) -> list[str]:
@@ -290,8 +277,8 @@ def legend(rows: list[Row], most_seeds: int) -> list[str]:
 
 
 def build_tables(groups: list[Group], reference: dict, warnings: list[str]) -> list[Table]:
-    """Table 1 always; Table 2 when BMKP ablation runs exist; Table 3 when some dataset has
-    full BMKP runs with more than one lambda."""
+    """Table 1 always; then each method's own tables (PAPER_TABLES, e.g. BMKP's ablation and
+    lambda sweep) that its runs fill (see utils/tables.py)."""
     most = max(len(set(g.seeds)) for g in groups)
 
     def table(name: str, title: str, header: str, rows: list[Row],
@@ -301,18 +288,19 @@ def build_tables(groups: list[Group], reference: dict, warnings: list[str]) -> l
 
     tables = [table("table1", "Table 1: Task-IL accuracy after the last task", "method",
                     make_rows(groups, method_variant), notes=warnings)]
-    if any(ablation_variant(g) not in (None, ABLATIONS[False, False]) for g in groups):
-        tables.append(table("table2", "Table 2: BMKP ablation", "BMKP",
-                            make_rows(groups, ablation_variant)))
-    lambdas = defaultdict(set)
-    for g in groups:
-        placed = lambda_variant(g)
-        if placed is not None:
-            lambdas[g.dataset].add(placed[0])
-    if any(len(values) > 1 for values in lambdas.values()):
-        tables.append(table("table3", "Table 3: BMKP, effect of lambda", "lambda",
-                            make_rows(groups, lambda_variant),
-                            COLUMNS + [("paper MB", paper_memory_cell)]))
+    for name, model_cls in model_classes().items():
+        for spec in model_cls.PAPER_TABLES:
+            variant = method_table_variant(name, spec)
+            keys = defaultdict(set)
+            for g in groups:
+                placed = variant(g)
+                if placed is not None:
+                    keys[g.dataset].add(placed[0])
+            if keys and spec.shown(keys):
+                columns = COLUMNS + ([("paper MB", paper_memory_cell)]
+                                     if spec.paper_memory_column else [])
+                tables.append(table(spec.name, spec.title, spec.row_header,
+                                    make_rows(groups, variant), columns))
     return tables
 
 

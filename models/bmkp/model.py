@@ -32,6 +32,7 @@ the thresholds measure: squared singular values (`sigma2`, the code's) or singul
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -41,7 +42,9 @@ from torch.func import functional_call
 
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.bmkp.long_term_memory import LongTermMemory
+from models.bmkp.memory_file import check_writable, per_seed_path, save_memory
 from models.bmkp.regularizer import VARIANTS, compaction_loss
+from models.bmkp.tables import PAPER_TABLES
 from models.continual_model import ContinualModel
 from utils.context import TrainingContext
 from utils.errors import UserError
@@ -57,6 +60,7 @@ OFFICIAL_EVAL_BATCH = 128
 class BMKP(ContinualModel):
     NAME = "bmkp"
     DEFAULTS = {"per_task_bn": 1, "lr_step": 45}
+    PAPER_TABLES = PAPER_TABLES
     # The paper's runs (reference doc, "Hyperparameters of the paper's runs").
     BEST_CONFIGS = {
         "seq-cifar10": dict(n_epochs=50, retrain_epochs=50, lr=0.05, batch_size=128, lambd=10.0,
@@ -89,11 +93,19 @@ class BMKP(ContinualModel):
                                  "from the paper (see the model's docstring)")
         parser.add_argument("--no_basis_update", action="store_true",
                             help="keep the first task's bases for every task (Table 2 ablation)")
+        parser.add_argument("--save_memory", type=Path, default=None, metavar="FILE",
+                            help="after the run, save the long-term memory for "
+                                 "models/bmkp/evaluate.py; with several seeds "
+                                 "FILE-seed<S>.<ext> each")
 
     @classmethod
     def configure(cls, args: argparse.Namespace, dataset: type[SequentialDataset]) -> None:
         if args.retrain_epochs is None:
             args.retrain_epochs = args.n_epochs
+        if args.save_memory is not None:
+            if args.seeds is not None or args.n_runs is not None:
+                args.save_memory = per_seed_path(args.save_memory, args.seed)
+            check_writable(args.save_memory)
         if args.compat == "official":
             if args.energy != "sigma2":
                 raise UserError("--compat official keeps the reference's energy (squared "
@@ -259,6 +271,11 @@ class BMKP(ContinualModel):
         """The task's BN set and head (floating-point state only), under their names."""
         return {f"{name}.{key}": value for name, module in self.net.task_modules(task).items()
                 for key, value in module.state_dict().items() if value.is_floating_point()}
+
+    def export(self) -> None:
+        """--save_memory: the long-term memory and the options that rebuild its network."""
+        if self.args.save_memory is not None:
+            save_memory(self, self.args, self.args.save_memory)
 
     def memory_breakdown(self) -> dict[str, int]:
         ltm = {f"ltm_{k}": v for k, v in self.memory.size_in_bytes().items()}

@@ -1,4 +1,4 @@
-"""The long-term memory file: written by `utils/main.py --save_memory`, read by utils/evaluate.py.
+"""The long-term memory file: written by BMKP's `--save_memory`, read by models/bmkp/evaluate.py.
 
 Besides the memory's state it keeps the options needed to rebuild a working memory of the same
 shape (backbone, width, BatchNorm kind, layout) and to evaluate the stored tasks as the run did:
@@ -18,8 +18,9 @@ from utils.errors import UserError
 from utils.results import write_atomic
 
 FORMAT = "long-term-memory/1"
-SAVED_OPTIONS = ("backbone", "nf", "shortcut", "head_bias", "per_task_bn", "bn_running_stats", "channels_last",
-                 "eval_batch_size", "amp", "seed", "class_order_seed", "validation")
+SAVED_OPTIONS = ("backbone", "nf", "shortcut", "head_bias", "per_task_bn", "bn_running_stats",
+                 "channels_last", "eval_batch_size", "amp", "seed", "class_order_seed",
+                 "validation")
 
 
 def per_seed_path(path: Path, seed: int) -> Path:
@@ -27,11 +28,8 @@ def per_seed_path(path: Path, seed: int) -> Path:
     return path.with_name(f"{path.stem}-seed{seed}{path.suffix}")
 
 
-def check_exportable(model: nn.Module, path: Path) -> None:
+def check_writable(path: Path) -> None:
     """Fail before training, not after it, when --save_memory cannot be honoured."""
-    if not hasattr(getattr(model, "memory", None), "state_dict"):
-        raise UserError(f"--save_memory needs a method with a long-term memory (bmkp); "
-                        f"{model.NAME} has none: drop --save_memory")
     if path.is_dir():
         raise UserError(f"--save_memory {path} is a folder; give a file name such as "
                         f"{path / 'memory.pt'}")

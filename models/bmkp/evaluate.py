@@ -1,4 +1,5 @@
-"""Evaluate a saved long-term memory: python utils/evaluate.py --memory FILE --dataset NAME
+"""Evaluate a saved long-term memory:
+python models/bmkp/evaluate.py --memory FILE --dataset NAME
 
 Rebuilds the backbone the run used, puts the method's model around it with the saved memory
 loaded, and scores every stored task on the test set. The working memory's own weights are a
@@ -11,22 +12,23 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 from datasets import dataset_classes  # noqa: E402
+from models.bmkp.memory_file import load_memory  # noqa: E402
 from utils.args import OneLineErrorParser, parse_args  # noqa: E402
 from utils.context import TrainingContext  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.memory_file import load_memory  # noqa: E402
 from utils.setup import build, resolve_device, seed_everything  # noqa: E402
 from utils.training import evaluate  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineErrorParser(prog="utils/evaluate.py",
+    parser = OneLineErrorParser(prog="models/bmkp/evaluate.py",
                                 description="Evaluate every task stored in a saved long-term "
-                                            "memory (utils/main.py --save_memory FILE).")
+                                            "memory (utils/main.py --model bmkp ... "
+                                            "--save_memory FILE).")
     parser.add_argument("--memory", type=Path, required=True, metavar="FILE")
     parser.add_argument("--dataset", required=True, choices=list(dataset_classes()),
                         metavar="DATASET", help="the benchmark the memory was learned on")
