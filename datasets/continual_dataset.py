@@ -57,8 +57,10 @@ def to_model_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 def iterate_batches(data: TaskData, batch_size: int, *, shuffle: bool, augment: bool,
                     equal_sizes: bool = False, max_batches: int | None = None,
-                    channels_last: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Yield (float images in [0, 1], labels, task ids) batches straight from the tensors.
+                    channels_last: bool = False,
+                    with_raw: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yield (float images in [0, 1], labels, task ids) batches straight from the tensors;
+    `with_raw` adds the batch's un-augmented uint8 images (what a replay buffer keeps).
 
     There are ceil(n / batch_size) batches. By default all but the last hold batch_size
     images; with `equal_sizes` the sizes differ by at most one, so no training step sees a
@@ -78,10 +80,9 @@ def iterate_batches(data: TaskData, batch_size: int, *, shuffle: bool, augment: 
     for size in sizes[:max_batches]:
         index = slice(start, start + size) if order is None else order[start:start + size]
         start += size
-        x, y, t = data.x[index], data.y[index], data.t[index]
-        if augment:
-            x = random_crop_flip(x, padding=4)
-        yield to_model_input(x, channels_last), y, t
+        raw, y, t = data.x[index], data.y[index], data.t[index]
+        x = random_crop_flip(raw, padding=4) if augment else raw
+        yield (to_model_input(x, channels_last), y, t) + ((raw,) if with_raw else ())
 
 
 class SequentialDataset:

@@ -13,13 +13,6 @@ from models.replay import ReplayModel
 from utils.context import TrainingContext
 from utils.errors import UserError
 
-# Best values with a 500-image buffer from mammoth's utils/best_args.py (aimagelab/mammoth,
-# the DER paper's grid search).
-MAMMOTH_BEST_500 = {
-    "seq-cifar10": dict(lr=0.03, minibatch_size=32, batch_size=32, n_epochs=50),
-    "seq-tinyimg": dict(lr=0.01, minibatch_size=32, batch_size=32, n_epochs=100),
-}
-
 
 def project(grad: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """g - (g.r / r.r) r when g.r < 0, else g unchanged (branch-free: no host sync)."""
@@ -29,7 +22,12 @@ def project(grad: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 class Agem(ReplayModel):
     NAME = "agem"
-    BEST_CONFIGS = MAMMOTH_BEST_500
+    # Best values with a 500-image buffer from mammoth's utils/best_args.py (aimagelab/mammoth,
+    # the DER paper's grid search).
+    BEST_CONFIGS = {
+        "seq-cifar10": dict(lr=0.03, minibatch_size=32, batch_size=32, n_epochs=50),
+        "seq-tinyimg": dict(lr=0.01, minibatch_size=32, batch_size=32, n_epochs=100),
+    }
 
     def __init__(self, net, dataset: SequentialDataset, args: argparse.Namespace) -> None:
         if args.buffer_size < dataset.N_TASKS:

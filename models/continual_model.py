@@ -112,18 +112,19 @@ class ContinualModel(nn.Module):
 
     def train_epochs(self, data: TaskData, ctx: TrainingContext, n_epochs: int,
                      step: Callable[..., torch.Tensor], task: int | None,
-                     label: str = "epoch") -> None:
+                     label: str = "epoch", with_raw: bool = False) -> None:
         """Run `step(x, y, task)` over shuffled, augmented batches for n_epochs.
 
         `task` is the int id when all of `data` is one task; None passes each sample's id.
+        `with_raw` also passes the batch's un-augmented uint8 images: step(x, y, task, raw).
         """
         self.train()
         for epoch in range(n_epochs):
             loss = None
-            for x, y, t in ctx.batches(data, f"{label} {epoch + 1}/{n_epochs}",
-                                       equal_sizes=self.equal_batches):
+            for x, y, t, *raw in ctx.batches(data, f"{label} {epoch + 1}/{n_epochs}",
+                                             equal_sizes=self.equal_batches, with_raw=with_raw):
                 with ctx.autocast():
-                    loss = step(x, y, t if task is None else task)
+                    loss = step(x, y, t if task is None else task, *raw)
             check_finite(loss, f"{ctx.task_label} {label} {epoch + 1}".strip())
             if self.scheduler is not None:
                 self.scheduler.step()

@@ -13,17 +13,15 @@ import torch.nn.functional as F
 from models.replay import ReplayModel
 from utils.validators import non_negative_float
 
-# Best values with a 500-image buffer from mammoth's utils/best_args.py (aimagelab/mammoth,
-# the DER paper's grid search).
-MAMMOTH_BEST_500 = {
-    "seq-cifar10": dict(lr=0.03, minibatch_size=32, alpha=0.3, batch_size=32, n_epochs=50),
-    "seq-tinyimg": dict(lr=0.03, minibatch_size=32, alpha=0.1, batch_size=32, n_epochs=100),
-}
-
 
 class Der(ReplayModel):
     NAME = "der"
-    BEST_CONFIGS = MAMMOTH_BEST_500
+    # Best values with a 500-image buffer from mammoth's utils/best_args.py (aimagelab/mammoth,
+    # the DER paper's grid search).
+    BEST_CONFIGS = {
+        "seq-cifar10": dict(lr=0.03, minibatch_size=32, alpha=0.3, batch_size=32, n_epochs=50),
+        "seq-tinyimg": dict(lr=0.03, minibatch_size=32, alpha=0.1, batch_size=32, n_epochs=100),
+    }
 
     @staticmethod
     def add_arguments(parser: argparse._ActionsContainer) -> None:

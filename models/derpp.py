@@ -8,19 +8,17 @@ import torch.nn.functional as F
 from models.der import Der
 from utils.validators import non_negative_float
 
-# Best values with a 500-image buffer from mammoth's utils/best_args.py (aimagelab/mammoth,
-# the DER paper's grid search).
-MAMMOTH_BEST_500 = {
-    "seq-cifar10": dict(lr=0.03, minibatch_size=32, alpha=0.2, beta=0.5, batch_size=32,
-                        n_epochs=50),
-    "seq-tinyimg": dict(lr=0.03, minibatch_size=32, alpha=0.2, beta=0.5, batch_size=32,
-                        n_epochs=100),
-}
-
 
 class Derpp(Der):
     NAME = "derpp"
-    BEST_CONFIGS = MAMMOTH_BEST_500
+    # Best values with a 500-image buffer from mammoth's utils/best_args.py (aimagelab/mammoth,
+    # the DER paper's grid search).
+    BEST_CONFIGS = {
+        "seq-cifar10": dict(lr=0.03, minibatch_size=32, alpha=0.2, beta=0.5, batch_size=32,
+                            n_epochs=50),
+        "seq-tinyimg": dict(lr=0.03, minibatch_size=32, alpha=0.2, beta=0.5, batch_size=32,
+                            n_epochs=100),
+    }
 
     @staticmethod
     def add_arguments(parser: argparse._ActionsContainer) -> None:

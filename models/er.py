@@ -5,17 +5,15 @@ import torch.nn.functional as F
 
 from models.replay import ReplayModel
 
-# Best values with a 500-image buffer from mammoth's utils/best_args.py (aimagelab/mammoth,
-# the DER paper's grid search, Buzzega et al., NeurIPS 2020).
-MAMMOTH_BEST_500 = {
-    "seq-cifar10": dict(lr=0.1, minibatch_size=32, batch_size=32, n_epochs=50),
-    "seq-tinyimg": dict(lr=0.03, minibatch_size=32, batch_size=32, n_epochs=100),
-}
-
 
 class Er(ReplayModel):
     NAME = "er"
-    BEST_CONFIGS = MAMMOTH_BEST_500
+    # Best values with a 500-image buffer from mammoth's utils/best_args.py (aimagelab/mammoth,
+    # the DER paper's grid search, Buzzega et al., NeurIPS 2020).
+    BEST_CONFIGS = {
+        "seq-cifar10": dict(lr=0.1, minibatch_size=32, batch_size=32, n_epochs=50),
+        "seq-tinyimg": dict(lr=0.03, minibatch_size=32, batch_size=32, n_epochs=100),
+    }
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: int,
                 raw: torch.Tensor) -> torch.Tensor:

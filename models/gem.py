@@ -19,11 +19,6 @@ try:
 except ImportError:  # only gem needs it; a gem run without it is refused in Gem.__init__
     quadprog = None
 
-# Best values with a 500-image buffer from mammoth's utils/best_args.py (aimagelab/mammoth,
-# the DER paper's grid search); mammoth has no GEM entry for seq-tinyimg.
-MAMMOTH_BEST_500 = {
-    "seq-cifar10": dict(lr=0.03, gamma=0.5, batch_size=32, n_epochs=50),
-}
 QP_EPS = 1e-3  # ridge on the dual's matrix, which is singular when memories' gradients align
 
 
@@ -45,7 +40,11 @@ class Gem(Agem):
     the constraint differs: one per past task instead of one on their average."""
 
     NAME = "gem"
-    BEST_CONFIGS = MAMMOTH_BEST_500
+    # Best values with a 500-image buffer from mammoth's utils/best_args.py (aimagelab/mammoth,
+    # the DER paper's grid search); mammoth has no GEM entry for seq-tinyimg.
+    BEST_CONFIGS = {
+        "seq-cifar10": dict(lr=0.03, gamma=0.5, batch_size=32, n_epochs=50),
+    }
 
     @staticmethod
     def add_arguments(parser: argparse._ActionsContainer) -> None:

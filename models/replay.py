@@ -1,11 +1,9 @@
 """Shared base of the rehearsal methods (ER, A-GEM, GEM, DER, DER++): a reservoir buffer of
 raw images replayed through each sample's own task head.
 
-How raw images reach the buffer: the loop's batches are already augmented floats, but the
-buffer keeps the dataset's uint8 images (4x smaller, re-augmented whenever replayed). Instead
-of re-implementing batching, `fit_task` runs the usual `train_epochs` over a view of the task
-whose task-id column holds each sample's index; every step thus gets the augmented batch and,
-by one gather, the un-augmented uint8 images, passed to `observe` as `raw`.
+The loop's batches are augmented floats, but the buffer keeps the dataset's uint8 images (4x
+smaller, re-augmented whenever replayed): `fit_task` asks the batches for their raw images too
+and passes them to `observe` as `raw`.
 """
 from __future__ import annotations
 
@@ -40,13 +38,8 @@ class ReplayModel(ContinualModel):
 
     def fit_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         """The default epochs of `observe`, with each batch's raw images (module docstring)."""
-        indexed = TaskData(data.x, data.y, torch.arange(len(data), device=data.x.device))
-
-        def step(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-            return self.observe(x, y, task, data.x[index])
-
         with ctx.phase("train"):
-            self.train_epochs(indexed, ctx, self.args.n_epochs, step, task=None)
+            self.train_epochs(data, ctx, self.args.n_epochs, self.observe, task, with_raw=True)
 
     @staticmethod
     def task_ids(task: int, y: torch.Tensor) -> torch.Tensor:

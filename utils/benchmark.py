@@ -82,8 +82,7 @@ def measure(args: argparse.Namespace, steps: int, real: bool, task_images: int) 
     model_cls = model_classes()[args.model]
     model_cls.configure(args, dataset_cls)
     model = model_cls(prepare_backbone(args, device, dataset), dataset, args).to(device)
-    ctx = TrainingContext(device, args.batch_size, args.eval_batch_size, show_progress=False,
-                          channels_last=bool(args.channels_last), amp=bool(args.amp))
+    ctx = TrainingContext.from_args(args, device)
     ctx.phase_times.append({})
     first, second = (dataset.train_data(t).to(device) for t in (0, 1))
     first = first.subset(torch.arange(min(len(first), n_train), device=device))

@@ -1,6 +1,7 @@
 """What a method gets from the loop: batches, progress bars, autocast and phase timers."""
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from contextlib import contextmanager
@@ -29,6 +30,14 @@ class TrainingContext:
     phase_times: list[dict[str, float]] = field(default_factory=list)
     task_label: str = ""
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, device: torch.device,
+                  show_progress: bool = False) -> "TrainingContext":
+        """The context the options describe: batch sizes, --debug_mode, layout and --amp."""
+        return cls(device, args.batch_size, args.eval_batch_size, debug=bool(args.debug_mode),
+                   show_progress=show_progress, channels_last=bool(args.channels_last),
+                   amp=bool(args.amp))
+
     @property
     def max_batches(self) -> int | None:
         return DEBUG_BATCHES if self.debug else None
@@ -51,7 +60,8 @@ class TrainingContext:
 
     def batches(self, data: TaskData, desc: str, batch_size: int | None = None,
                 shuffle: bool = True, augment: bool = True,
-                equal_sizes: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+                equal_sizes: bool = False,
+                with_raw: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
         """Batches of `data` with a progress bar (see iterate_batches)."""
         size = batch_size or self.batch_size
         total = -(-len(data) // size)
@@ -59,7 +69,7 @@ class TrainingContext:
             total = min(total, self.max_batches)
         stream = iterate_batches(data, size, shuffle=shuffle, augment=augment,
                                  equal_sizes=equal_sizes, max_batches=self.max_batches,
-                                 channels_last=self.channels_last)
+                                 channels_last=self.channels_last, with_raw=with_raw)
         return iter(tqdm(stream, total=total, desc=f"{self.task_label} {desc}".strip(),
                          leave=False, disable=not self.show_progress, file=sys.stderr))
 

@@ -32,9 +32,7 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
     seed_everything(args.seed)
     dataset, model = build(args, device)
     show_progress = not args.quiet and sys.stderr.isatty()
-    ctx = TrainingContext(device, args.batch_size, args.eval_batch_size,
-                          debug=bool(args.debug_mode), show_progress=show_progress,
-                          channels_last=bool(args.channels_last), amp=bool(args.amp))
+    ctx = TrainingContext.from_args(args, device, show_progress)
     started, progress, after_task = datetime.now(timezone.utc).isoformat(), None, None
     if args.checkpoint_dir is not None:
         checkpoint = checkpoint_path(args)

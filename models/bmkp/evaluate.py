@@ -57,8 +57,7 @@ def evaluate_memory(path: Path, dataset_name: str, data_path: Path,
     model.memory.load_state_dict(saved["memory"])
     if model.memory.n_tasks == 0:
         raise UserError(f"{path} holds no task; save the memory of a run that learned one")
-    ctx = TrainingContext(device, args.batch_size, args.eval_batch_size, show_progress=False,
-                          channels_last=bool(args.channels_last), amp=bool(args.amp))
+    ctx = TrainingContext.from_args(args, device)
     return evaluate(model, dataset, model.memory.n_tasks - 1, ctx)
 
 
