@@ -7,6 +7,7 @@ a method that owns its whole per-task procedure (e.g. BMKP) overrides fit_task.
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Callable, ClassVar
 
 import torch
@@ -120,12 +121,15 @@ class ContinualModel(nn.Module):
         """
         self.train()
         for epoch in range(n_epochs):
-            loss = None
+            loss, images, start = None, 0, time.perf_counter()
             for x, y, t, *raw in ctx.batches(data, f"{label} {epoch + 1}/{n_epochs}",
                                              equal_sizes=self.equal_batches, with_raw=with_raw):
                 with ctx.autocast():
                     loss = step(x, y, t if task is None else task, *raw)
+                images += len(y)
             check_finite(loss, f"{ctx.task_label} {label} {epoch + 1}".strip())
+            ctx.log_epoch(epoch + 1, n_epochs, None if loss is None else float(loss),
+                          time.perf_counter() - start, images)
             if self.scheduler is not None:
                 self.scheduler.step()
 

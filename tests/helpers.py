@@ -16,6 +16,7 @@ from utils.args import parse_args
 from utils.context import TrainingContext
 from utils.main import main
 from utils.metrics import summarize
+from utils.results import epoch_log_path
 from utils.setup import build
 
 CPU = torch.device("cpu")
@@ -106,9 +107,11 @@ def run_synthetic(tmp_path: Path, capsys, *extra: str, model: str = "sgd") -> tu
     assert main(synthetic_argv(results_dir, *extra, model=model)) == 0
     out, err = capsys.readouterr()
     files = list(results_dir.rglob("*"))
-    written = [f for f in files if f.is_file()]
-    assert len(written) == 1, files  # one JSON and no temporary file left over
+    written = sorted((f for f in files if f.is_file()), key=lambda f: f.suffix)
+    # the result and its epoch log, no temporary file left over
+    assert [f.suffix for f in written] == [".json", ".jsonl"], files
     path = written[0]
+    assert written[1] == epoch_log_path(path)
     assert path.parent == results_dir / "seq-synthetic" / model
     assert path.suffix == ".json" and path.stem.endswith("-seed" + str(seed_of(extra)))
     assert str(path) in out and err == ""

@@ -21,6 +21,7 @@ from models.sgd import Sgd
 from models.si import Si
 from models.wsn import WSN
 from utils.main import main
+from utils.results import epoch_log_path
 
 N_TASKS = SequentialSynthetic.N_TASKS
 KILLED_TASK = 3
@@ -82,7 +83,8 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, capsys, mo
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["next_task"] == KILLED_TASK == len(saved["matrix"]) == len(saved["phase_times"])
     assert saved["matrix"] == whole["accuracy_matrix"][:KILLED_TASK]
-    assert not (tmp_path / "resumed").exists()
+    # no result yet, only the epoch log of the finished epochs
+    assert [p.suffix for p in (tmp_path / "resumed").rglob("*") if p.is_file()] == [".jsonl"]
 
     assert main(argv + ["--resume"]) == 0
     resumed = _result(tmp_path / "resumed")
@@ -93,6 +95,12 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, capsys, mo
     assert len(resumed["phase_times"]) == N_TASKS
     assert sum(sum(t.values()) for t in resumed["phase_times"]) <= resumed["total_time_s"]
     assert torch.load(checkpoint, weights_only=True)["next_task"] == N_TASKS
+    # the resumed run keeps the result's name and appends to its epoch log: each task's
+    # epochs once, the interrupted epoch not at all
+    (log,) = (tmp_path / "resumed").rglob("*.jsonl")
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [x["task"] for x in lines if x["phase"] == "train"] == list(range(N_TASKS))
+    assert log == epoch_log_path(next((tmp_path / "resumed").rglob("*.json")))
 
 
 def test_resume_without_a_checkpoint_is_a_user_error(tmp_path, capsys):

@@ -172,7 +172,7 @@ def test_replay_run_writes_a_complete_result(tmp_path, capsys, model):
                           "--buffer_size", str(buffer_size), model=model)
     assert main(argv) == 0
     capsys.readouterr()
-    (path,) = [p for p in results_dir.rglob("*") if p.is_file()]
+    (path,) = results_dir.rglob("*.json")
     result = json.loads(path.read_text())
     assert result["model"] == model
     matrix = result["accuracy_matrix"]

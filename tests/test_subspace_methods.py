@@ -207,7 +207,7 @@ def test_subspace_method_run_writes_a_complete_result(tmp_path, capsys, model, c
     results_dir = tmp_path / "results"
     assert main(synthetic_argv(results_dir, "--nf", "4", "--n_epochs", "1", model=model)) == 0
     capsys.readouterr()
-    (path,) = [p for p in results_dir.rglob("*") if p.is_file()]
+    (path,) = results_dir.rglob("*.json")
     result = json.loads(path.read_text())
     assert result["model"] == model
     matrix = result["accuracy_matrix"]

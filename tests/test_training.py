@@ -16,7 +16,7 @@ from helpers import (assert_one_line_error, check_result, network_bytes, run_syn
 from models.sgd import Sgd
 from utils.main import main
 from utils.metrics import summarize
-from utils.results import write_json_atomic
+from utils.results import epoch_log_path, write_json_atomic
 
 N_TASKS = SequentialSynthetic.N_TASKS
 CHANCE = 100.0 / SequentialSynthetic.N_CLASSES_PER_TASK
@@ -71,6 +71,18 @@ def test_metrics_after_one_task_have_no_transfer():
     assert m["final_acc"] == 42.0 and m["bwt"] is None and m["forgetting"] is None
 
 
+def test_every_epoch_is_logged_beside_the_result(tmp_path, capsys):
+    """One JSON line per finished epoch: task, phase, epoch, loss, seconds, images/s."""
+    result, path = run_synthetic(tmp_path, capsys, "--n_epochs", "2")
+    lines = [json.loads(line) for line in epoch_log_path(path).read_text().splitlines()]
+    assert [(x["task"], x["epoch"]) for x in lines] == [(t, e) for t in range(N_TASKS)
+                                                        for e in (1, 2)]
+    assert all(x["phase"] == "train" and x["n_epochs"] == 2 for x in lines)
+    assert all(x["loss"] > 0 and x["seconds"] > 0 and x["images_per_s"] > 0 for x in lines)
+    images = SequentialSynthetic.TRAIN_PER_CLASS * SequentialSynthetic.N_CLASSES_PER_TASK
+    assert lines[0]["images_per_s"] == pytest.approx(images / lines[0]["seconds"], rel=0.01)
+
+
 def _files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
 
@@ -87,7 +99,9 @@ def test_interrupt_during_training_writes_nothing(tmp_path, capsys, monkeypatch)
     assert main(synthetic_argv(tmp_path / "results")) == 130
     assert reached == [0, 1, 2]
     assert "interrupted: no result was written" in capsys.readouterr().err
-    assert _files(tmp_path / "results") == []
+    (log,) = _files(tmp_path / "results")  # only the epoch log: how far the run got
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert log.name.endswith(".epochs.jsonl") and [x["task"] for x in lines] == [0, 0, 1, 1, 2, 2]
 
 
 def _dump_half_then(exc: BaseException):
@@ -101,7 +115,8 @@ def test_interrupt_while_writing_the_result_leaves_no_file(tmp_path, capsys, mon
     monkeypatch.setattr(results, "json", _dump_half_then(KeyboardInterrupt()))
     assert main(synthetic_argv(tmp_path / "results")) == 130
     assert "interrupted" in capsys.readouterr().err
-    assert _files(tmp_path / "results") == []  # neither a partial JSON nor a .tmp
+    # neither a partial JSON nor a .tmp; the epoch log stays
+    assert [p.suffix for p in _files(tmp_path / "results")] == [".jsonl"]
 
 
 @pytest.mark.parametrize("exc", [OSError("disk full"), KeyboardInterrupt()],

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -28,7 +30,11 @@ class TrainingContext:
     channels_last: bool = False
     amp: bool = False
     phase_times: list[dict[str, float]] = field(default_factory=list)
+    task: int = 0
     task_label: str = ""
+    # Where each finished epoch is appended as one JSON line (None: not logged).
+    epoch_log: Path | None = None
+    phase_name: str = ""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, device: torch.device,
@@ -46,13 +52,28 @@ class TrainingContext:
     def phase(self, name: str) -> Iterator[None]:
         """Add the wall time of the block to the current task's `name` phase."""
         self._synchronize()
-        start = time.perf_counter()
+        start, outer = time.perf_counter(), self.phase_name
+        self.phase_name = name
         try:
             yield
         finally:
             self._synchronize()
+            self.phase_name = outer
             times = self.phase_times[-1]
             times[name] = times.get(name, 0.0) + time.perf_counter() - start
+
+    def log_epoch(self, epoch: int, n_epochs: int, loss: float | None, seconds: float,
+                  images: int) -> None:
+        """Append one finished epoch to the epoch log, so a run that is killed still shows
+        how far it got and how fast."""
+        if self.epoch_log is None:
+            return
+        line = {"task": self.task, "phase": self.phase_name, "epoch": epoch,
+                "n_epochs": n_epochs, "loss": loss, "seconds": round(seconds, 4),
+                "images_per_s": round(images / seconds, 1) if seconds > 0 else None}
+        self.epoch_log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.epoch_log, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def autocast(self) -> torch.autocast:
         """bfloat16 autocast for forward passes when --amp is on (a no-op otherwise)."""

@@ -17,16 +17,17 @@ from utils.aggregate import aggregate_runs, shared_config  # noqa: E402
 from utils.args import parse_args  # noqa: E402
 from utils.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.results import (aggregate_path, environment, result_path,  # noqa: E402
-                           write_json_atomic)
+from utils.results import (aggregate_path, environment, epoch_log_path,  # noqa: E402
+                           result_path, write_json_atomic)
 from utils.context import TrainingContext  # noqa: E402
 from utils.setup import build, resolve_device, seed_everything, set_threads  # noqa: E402
 from utils.sizes import BYTES_PER_MB  # noqa: E402
 from utils.training import run_tasks  # noqa: E402
 
 def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
-    """Build dataset and model from the options, learn all tasks, write the result JSON
-    then let the method export what it keeps (e.g. BMKP's --save_memory)."""
+    """Build dataset and model from the options, learn all tasks (logging every epoch to
+    <result>.epochs.jsonl as it goes), write the result JSON, then let the method export
+    what it keeps (e.g. BMKP's --save_memory)."""
     set_threads(args.num_threads)
     device = resolve_device(args.device)
     seed_everything(args.seed)
@@ -40,6 +41,8 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
             progress, started = load_checkpoint(checkpoint, args, model, ctx)
             log(f"resuming from {checkpoint} at task {progress.next_task + 1}")
         after_task = partial(save_checkpoint, checkpoint, args, model, ctx, started_at=started)
+    path = result_path(args.results_dir, args.dataset, args.model, args.seed, started)
+    ctx.epoch_log = epoch_log_path(path)
     metrics = run_tasks(model, dataset, ctx, log=log, progress=progress, after_task=after_task)
     breakdown = model.memory_breakdown()
     result = {
@@ -52,7 +55,6 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
         "method": model.result_details(),
         "config": vars(args), "environment": environment(device),
     }
-    path = result_path(args.results_dir, args.dataset, args.model, args.seed)
     write_json_atomic(result, path)
     model.export()
     return result, path

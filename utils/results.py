@@ -48,13 +48,23 @@ def write_json_atomic(payload: dict, path: Path) -> None:
     write_atomic(path, lambda f: json.dump(payload, f, indent=1, default=str))
 
 
-def _stamped(results_dir: Path, dataset: str, model: str, suffix: str) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+def _stamped(results_dir: Path, dataset: str, model: str, suffix: str,
+             when: datetime | None = None) -> Path:
+    stamp = (when or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S-%f")
     return results_dir / dataset / model / f"{stamp}-{suffix}.json"
 
 
-def result_path(results_dir: Path, dataset: str, model: str, seed: int) -> Path:
-    return _stamped(results_dir, dataset, model, f"seed{seed}")
+def result_path(results_dir: Path, dataset: str, model: str, seed: int,
+                started_at: str | None = None) -> Path:
+    """<results_dir>/<dataset>/<model>/<start time>-seed<seed>.json (now by default): named
+    by when the run started, so a resumed run keeps its name and its epoch log."""
+    when = datetime.fromisoformat(started_at) if started_at else None
+    return _stamped(results_dir, dataset, model, f"seed{seed}", when)
+
+
+def epoch_log_path(result: Path) -> Path:
+    """The run's per-epoch log, beside its result: <stem>.epochs.jsonl."""
+    return result.with_suffix(".epochs.jsonl")
 
 
 def aggregate_path(results_dir: Path, dataset: str, model: str) -> Path:

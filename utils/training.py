@@ -59,7 +59,7 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
     start = time.perf_counter() - progress.elapsed_s
     for task in range(progress.next_task, dataset.N_TASKS):
         ctx.phase_times.append({})
-        ctx.task_label = f"task {task + 1}/{dataset.N_TASKS}"
+        ctx.task, ctx.task_label = task, f"task {task + 1}/{dataset.N_TASKS}"
         train = dataset.train_data(task).to(ctx.device)
         model.begin_task(task, train)
         model.fit_task(task, train, ctx)
