@@ -93,6 +93,9 @@ class SequentialDataset:
     N_CLASSES_PER_TASK: ClassVar[int]
     IMAGE_SIZE: ClassVar[int]
     CHANNELS: ClassVar[int] = 3
+    # Training images per class in the standard split (for time estimates before any data is
+    # loaded, e.g. utils/reproduce.py --dry_run).
+    TRAIN_PER_CLASS: ClassVar[int]
     # Per-channel (mean, std) that inputs in [0, 1] are standardised with, after augmentation
     # (None: used as they are).
     INPUT_MEAN_STD: ClassVar[tuple[tuple[float, ...], tuple[float, ...]] | None] = None

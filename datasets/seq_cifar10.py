@@ -12,6 +12,7 @@ class SequentialCIFAR10(SequentialDataset):
     N_TASKS = 5
     N_CLASSES_PER_TASK = 2
     IMAGE_SIZE = 32
+    TRAIN_PER_CLASS = 5000
 
     def load(self, args: argparse.Namespace) -> RawSplits:
         return load_cifar(args.data_path, self.NAME, CIFAR10, "cifar-10-batches-py",

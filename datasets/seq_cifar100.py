@@ -12,6 +12,7 @@ class SequentialCIFAR100(SequentialDataset):
     N_TASKS = 10
     N_CLASSES_PER_TASK = 10
     IMAGE_SIZE = 32
+    TRAIN_PER_CLASS = 500
 
     def load(self, args: argparse.Namespace) -> RawSplits:
         return load_cifar(args.data_path, self.NAME, CIFAR100, "cifar-100-python",

@@ -17,6 +17,7 @@ class SequentialTinyImageNet(SequentialDataset):
     N_TASKS = 10
     N_CLASSES_PER_TASK = 20
     IMAGE_SIZE = 64
+    TRAIN_PER_CLASS = 500
     # Tiny-ImageNet's channel statistics, as mammoth and the BMKP reference normalise it.
     INPUT_MEAN_STD = ((0.4802, 0.4480, 0.3975), (0.2770, 0.2691, 0.2821))
     URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"

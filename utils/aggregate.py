@@ -10,7 +10,7 @@ from typing import Sequence
 
 # Options that name one run or where its outputs go: never part of what the runs share.
 RUN_KEYS = ("seed", "seeds", "n_runs", "results_dir", "save_memory", "checkpoint_dir",
-            "resume")
+            "resume", "budget_s")
 # Options that do not change the experiment, only where it reads from, where it runs, how
 # fast, or how it reports (model_config only fills in options whose values are kept anyway).
 # debug_mode, amp and eval_batch_size are left out on purpose: they change the numbers.

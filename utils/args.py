@@ -70,6 +70,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                           "DIR/<dataset>-<model>-seed<S>.pt")
     exp.add_argument("--resume", action="store_true",
                      help="continue from the last task saved in --checkpoint_dir")
+    exp.add_argument("--budget_s", type=positive_float, default=None, metavar="S",
+                     help="stop between tasks, checkpointed, when the next task (timed as "
+                          "the last one) would end after S seconds; needs --checkpoint_dir; "
+                          "exit status 75, continue with --resume")
 
     train = parser.add_argument_group("training")
     train.add_argument("--n_epochs", type=positive_int, default=50)

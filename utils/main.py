@@ -22,7 +22,10 @@ from utils.results import (aggregate_path, environment, epoch_log_path,  # noqa:
 from utils.context import TrainingContext  # noqa: E402
 from utils.setup import build, resolve_device, seed_everything, set_threads  # noqa: E402
 from utils.sizes import BYTES_PER_MB  # noqa: E402
-from utils.training import run_tasks  # noqa: E402
+from utils.training import BudgetReached, run_tasks  # noqa: E402
+
+# Exit status of a run stopped by --budget_s (EX_TEMPFAIL: resumable, not failed).
+BUDGET_EXIT = 75
 
 def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
     """Build dataset and model from the options, learn all tasks (logging every epoch to
@@ -43,7 +46,8 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
         after_task = partial(save_checkpoint, checkpoint, args, model, ctx, started_at=started)
     path = result_path(args.results_dir, args.dataset, args.model, args.seed, started)
     ctx.epoch_log = epoch_log_path(path)
-    metrics = run_tasks(model, dataset, ctx, log=log, progress=progress, after_task=after_task)
+    metrics = run_tasks(model, dataset, ctx, log=log, progress=progress, after_task=after_task,
+                        budget_s=args.budget_s)
     breakdown = model.memory_breakdown()
     result = {
         "model": args.model, "dataset": args.dataset, "seed": args.seed,
@@ -110,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     seeds, args = None, None
     try:
         args = parse_args(argv)
+        if args.budget_s is not None and args.checkpoint_dir is None:
+            raise UserError("--budget_s needs --checkpoint_dir, where the stopped run is "
+                            "continued from with --resume")
+        if args.budget_s is not None and (args.seeds or args.n_runs):
+            raise UserError("--budget_s bounds one run; for several seeds use "
+                            "utils/reproduce.py --budget_s, or one command per seed")
         log = (lambda *a, **k: None) if args.quiet else print
         seeds = seeds_to_run(args)
         if seeds is None:
@@ -119,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BudgetReached as stop:
+        print(f"stopped by --budget_s after task {stop.tasks_done}: no result yet; rerun the "
+              "same command with --resume to continue", file=sys.stderr)
+        return BUDGET_EXIT
     except KeyboardInterrupt:
         more = "" if seeds is None else (" by the run in progress, nor an aggregate; the "
                                          "finished runs keep their files")

@@ -126,9 +126,9 @@ def expand(config: dict, default_root: Path) -> list[Job]:
 
 
 def run_job(command: list[str], folder: Path) -> int:
-    """Run one job, its output in <folder>/log.txt; returns the exit status."""
+    """Run one job, its output appended to <folder>/log.txt; returns the exit status."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "log.txt", "w") as log:
+    with open(folder / "log.txt", "a") as log:
         return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
 
 

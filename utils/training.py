@@ -50,14 +50,27 @@ class Progress:
         return len(self.matrix)
 
 
+class BudgetReached(Exception):
+    """The time budget would run out during the next task; the run stopped after `task`."""
+
+    def __init__(self, tasks_done: int) -> None:
+        super().__init__(f"stopped after {tasks_done} tasks")
+        self.tasks_done = tasks_done
+
+
 def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingContext,
               log=print, progress: Progress | None = None,
-              after_task: Callable[[Progress], None] | None = None) -> dict:
+              after_task: Callable[[Progress], None] | None = None,
+              budget_s: float | None = None) -> dict:
     """Learn the tasks in order from `progress.next_task`, calling `after_task` once each
-    is evaluated; returns the accuracy matrix, its metrics and phase times."""
+    is evaluated; returns the accuracy matrix, its metrics and phase times. With `budget_s`,
+    raises BudgetReached after a task (once `after_task` has run) when the next one, timed as
+    the last, would end more than budget_s seconds after this call."""
     progress = progress or Progress()
-    start = time.perf_counter() - progress.elapsed_s
+    called = time.perf_counter()
+    start = called - progress.elapsed_s
     for task in range(progress.next_task, dataset.N_TASKS):
+        task_start = time.perf_counter()
         ctx.phase_times.append({})
         ctx.task, ctx.task_label = task, f"task {task + 1}/{dataset.N_TASKS}"
         train = dataset.train_data(task).to(ctx.device)
@@ -74,5 +87,9 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
             f"per task [{', '.join(f'{a:.1f}' for a in row)}]  {times}")
         if after_task is not None:
             after_task(progress)
+        now = time.perf_counter()
+        if (budget_s is not None and task + 1 < dataset.N_TASKS
+                and now + (now - task_start) > called + budget_s):
+            raise BudgetReached(task + 1)
     return {**summarize(progress.matrix), "memory_per_task_mb": progress.memory_mb,
             "phase_times": ctx.phase_times, "total_time_s": time.perf_counter() - start}

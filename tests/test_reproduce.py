@@ -1,0 +1,85 @@
+"""utils/reproduce.py: the paper's experiments as jobs, a time budget that stops them between
+tasks, and resuming them to the same result; --budget_s of utils/main.py underneath."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import assert_one_line_error, synthetic_argv
+from utils import reproduce
+from utils.main import BUDGET_EXIT, main
+
+SMALL = ("--n_epochs", "1", "--retrain_epochs", "1", "--nf", "4", "--batch_size", "32")
+
+
+def test_plan_has_every_table_once_per_dataset_variant_and_seed(tmp_path):
+    def jobs(tables, datasets=None):
+        return reproduce.plan(tables, datasets, [0, 1, 2, 3, 4], "paper", {}, tmp_path)
+
+    assert len(jobs([1])) == 3 * 5
+    assert len(jobs([2])) == 3 * 3 * 5
+    assert len(jobs([1, 2])) == 3 * 3 * 5  # Table 2's full runs are Table 1's
+    lambdas = sorted({job.options["lambd"] for job in jobs([3])})
+    assert lambdas == [0, 1, 10, 100, 1000] and {j.dataset for j in jobs([3])} == {"seq-tinyimg"}
+    assert len(jobs([4])) == 2 * 4 * 5
+    table1 = jobs([1])
+    assert all(j.model == "bmkp" and j.options["model_config"] == "best"
+               and j.options["compat"] == "paper" for j in table1)
+    assert len({j.folder for j in table1}) == len(table1)
+    # a dataset without the paper's settings runs with its defaults
+    assert "model_config" not in jobs([1], ["seq-synthetic"])[0].options
+
+
+def test_options_after_the_separator_reach_every_job(tmp_path, capsys):
+    assert reproduce.job_options(["--n_epochs", "2", "--no_basis_update"]) == {
+        "n_epochs": "2", "no_basis_update": True}
+    assert_one_line_error(capsys, reproduce.main, ["--table", "1", "--", "--seed", "3"],
+                          "--seed after -- are set by utils/reproduce.py itself")
+    assert_one_line_error(capsys, reproduce.main, ["--table", "1", "--", "epochs"],
+                          "'epochs' after -- is not an option")
+
+
+def _result(folder: Path) -> dict:
+    (path,) = folder.rglob("*-seed*.json")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_run_stopped_by_its_budget_resumes_to_the_same_result(tmp_path, capsys):
+    whole = synthetic_argv(tmp_path / "whole", *SMALL, model="bmkp")
+    assert main(whole) == 0
+    checkpoints = ["--checkpoint_dir", str(tmp_path / "checkpoints")]
+    stopped = synthetic_argv(tmp_path / "stopped", *SMALL, *checkpoints, model="bmkp")
+    assert main(stopped + ["--budget_s", "0.001"]) == BUDGET_EXIT
+    assert "stopped by --budget_s after task 1" in capsys.readouterr().err
+    assert not list((tmp_path / "stopped").rglob("*-seed0.json"))
+    assert main(stopped + ["--resume"]) == 0
+    resumed, reference = _result(tmp_path / "stopped"), _result(tmp_path / "whole")
+    assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]
+    assert resumed["method"] == reference["method"]
+    capsys.readouterr()
+    assert_one_line_error(capsys, main, synthetic_argv(tmp_path, "--budget_s", "5"),
+                          "--budget_s needs --checkpoint_dir")
+
+
+@pytest.mark.slow
+def test_reproduce_stops_at_its_budget_then_finishes_and_tabulates(tmp_path, monkeypatch,
+                                                                   capsys):
+    monkeypatch.setattr(reproduce, "FINISH_MARGIN_S", 0.0)
+
+    def run(results: Path, *more: str) -> int:
+        return reproduce.main(["--table", "1", "--datasets", "seq-synthetic", "--seeds", "0",
+                               "--device", "cpu", "--debug_mode", "1",
+                               "--results_dir", str(results), *more, "--", *SMALL])
+
+    assert run(tmp_path / "cut", "--budget_s", "0.001") == BUDGET_EXIT
+    assert "1 stopped" in capsys.readouterr().out
+    assert run(tmp_path / "cut") == 0  # the same command, without the budget, resumes
+    assert "1 done" in capsys.readouterr().out
+    table = tmp_path / "cut" / "report" / "table1.md"
+    assert table.is_file() and "bmkp" in table.read_text()
+    assert run(tmp_path / "whole") == 0
+    cut, whole = _result(tmp_path / "cut"), _result(tmp_path / "whole")
+    assert cut["accuracy_matrix"] == whole["accuracy_matrix"]
