@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 import utils.results as results
 from datasets.seq_synthetic import SequentialSynthetic
@@ -17,6 +18,7 @@ from models.sgd import Sgd
 from utils.main import main
 from utils.metrics import summarize
 from utils.results import epoch_log_path, write_json_atomic
+from utils.setup import set_deterministic
 
 N_TASKS = SequentialSynthetic.N_TASKS
 CHANCE = 100.0 / SequentialSynthetic.N_CLASSES_PER_TASK
@@ -146,3 +148,14 @@ def test_results_get_the_usual_file_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_deterministic_switch_sets_and_clears_torch_flags():
+    try:
+        set_deterministic(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        set_deterministic(False)
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -15,7 +15,7 @@ RUN_KEYS = ("seed", "seeds", "n_runs", "results_dir", "save_memory", "checkpoint
 # fast, or how it reports (model_config only fills in options whose values are kept anyway).
 # debug_mode, amp and eval_batch_size are left out on purpose: they change the numbers.
 NON_PROTOCOL_KEYS = RUN_KEYS + ("data_path", "device", "num_threads", "channels_last",
-                                "compile", "quiet", "model_config")
+                                "deterministic", "compile", "quiet", "model_config")
 # Options added after results were written, with the behaviour of the runs made before them,
 # so such older runs share a protocol with newer ones that use that behaviour.
 OPTIONS_ADDED_LATER = {"shortcut": "identity", "head_bias": 1}

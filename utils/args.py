@@ -116,6 +116,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                      help="1: NHWC memory format for images and conv weights (faster here)")
     run.add_argument("--amp", type=switch, default=0,
                      help="1: bfloat16 autocast for training and evaluation")
+    run.add_argument("--deterministic", type=switch, default=0,
+                     help="1: deterministic kernels only (cuDNN, cuBLAS workspace, "
+                          "torch.use_deterministic_algorithms), so one seed gives one "
+                          "result on one GPU; slower, and an op without a deterministic "
+                          "kernel stops the run")
     run.add_argument("--debug_mode", type=switch, default=0,
                      help="1: a handful of batches per epoch and per evaluation (smoke runs)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")

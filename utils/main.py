@@ -20,7 +20,8 @@ from utils.errors import UserError  # noqa: E402
 from utils.results import (aggregate_path, environment, epoch_log_path,  # noqa: E402
                            result_path, write_json_atomic)
 from utils.context import TrainingContext  # noqa: E402
-from utils.setup import build, resolve_device, seed_everything, set_threads  # noqa: E402
+from utils.setup import (build, resolve_device, seed_everything, set_deterministic,  # noqa: E402
+                         set_threads)
 from utils.sizes import BYTES_PER_MB  # noqa: E402
 from utils.training import BudgetReached, run_tasks  # noqa: E402
 
@@ -32,6 +33,7 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
     <result>.epochs.jsonl as it goes), write the result JSON, then let the method export
     what it keeps (e.g. BMKP's --save_memory)."""
     set_threads(args.num_threads)
+    set_deterministic(bool(args.deterministic))
     device = resolve_device(args.device)
     seed_everything(args.seed)
     dataset, model = build(args, device)

@@ -71,6 +71,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_deterministic(on: bool) -> None:
+    """--deterministic: only kernels that give the same bits on every run. cuBLAS needs its
+    workspace fixed before its first call, hence the environment variable set here, early."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on)
+
+
 def build(args: argparse.Namespace,
           device: torch.device) -> tuple[SequentialDataset, ContinualModel]:
     """The dataset and the method around a fresh backbone on `device`, as the options say;
