@@ -83,6 +83,7 @@ def _json_files(folder):
     return sorted(folder.rglob("*.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option, seeds", [(["--n_runs", "2"], [0, 1]),
                                            (["--seeds", "3", "5"], [3, 5])],
                          ids=["n_runs", "seeds"])

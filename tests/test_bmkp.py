@@ -54,6 +54,7 @@ def logits(model, x, task):
         return model(x, task)
 
 
+@pytest.mark.slow
 def test_lossless_projection_recomposes_the_working_memory(tmp_path):
     model, dataset, ctx = build(tmp_path, "--threshold_first", "1.0", "--threshold", "1.0",
                                 "--retrain_epochs", "0")
@@ -70,6 +71,7 @@ def test_lossless_projection_recomposes_the_working_memory(tmp_path):
         assert torch.equal(from_memory.argmax(1), from_working.argmax(1))
 
 
+@pytest.mark.slow
 def test_stored_task_is_bit_stable_while_later_tasks_are_learned(tmp_path):
     model, dataset, ctx = build(tmp_path)
     learn(model, dataset, ctx, 0)
@@ -86,6 +88,7 @@ def test_stored_task_is_bit_stable_while_later_tasks_are_learned(tmp_path):
         assert torch.equal(model.memory.bases[name][:, :width], old_columns[name])
 
 
+@pytest.mark.slow
 def test_bases_grow_orthonormal_and_never_exceed_outputs(tmp_path):
     model, dataset, ctx = build(tmp_path)
     widths = []
@@ -100,6 +103,7 @@ def test_bases_grow_orthonormal_and_never_exceed_outputs(tmp_path):
         assert widths[0][name] <= widths[1][name] <= widths[2][name]
 
 
+@pytest.mark.slow
 def test_basis_log_records_each_tasks_basis_size_and_retained_energy(tmp_path):
     model, dataset, ctx = build(tmp_path)
     for task in range(2):
@@ -137,6 +141,7 @@ def test_official_mode_keeps_the_reference_energy():
         BMKP.configure(args, SequentialSynthetic)
 
 
+@pytest.mark.slow
 def test_no_basis_update_keeps_the_first_bases(tmp_path):
     model, dataset, ctx = build(tmp_path, "--no_basis_update")
     learn(model, dataset, ctx, 0)
@@ -168,6 +173,7 @@ def test_memory_accounting_matches_a_count_by_hand(tmp_path):
     assert breakdown["ltm_coefficients"] == 4 * floats["coefficients"]
 
 
+@pytest.mark.slow
 def test_saved_memory_alone_reproduces_every_task(tmp_path):
     model, dataset, ctx = build(tmp_path)
     for task in range(3):
@@ -198,6 +204,7 @@ def test_official_mode_trains_only_conv_weights_after_the_first_task(tmp_path):
         assert torch.equal(a, projection[name])
 
 
+@pytest.mark.slow
 def test_paper_mode_retraining_moves_the_coefficients(tmp_path):
     model, dataset, ctx = build(tmp_path)
     learn(model, dataset, ctx, 0)
@@ -297,6 +304,7 @@ def test_bad_hyperparameters_give_one_line_errors(option, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and option[0] in err[0]
 
 
+@pytest.mark.slow
 def test_bmkp_forgets_far_less_than_sgd(tmp_path):
     import json
     results = {}

@@ -63,6 +63,7 @@ def _kill_in_the_middle_of(monkeypatch, cls: type, task: int) -> None:
     monkeypatch.setattr(cls, "observe", interrupting_observe)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", list(CASES))
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, capsys, monkeypatch,
                                                             model):

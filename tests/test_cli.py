@@ -30,6 +30,7 @@ def _run_main_script(*argv: str, columns: int = 80) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("columns", [60, 80])
 def test_help_lists_models_and_datasets_whole(columns):
     done = _run_main_script("--help", columns=columns)  # fixed widths, so the lists wrap
@@ -45,6 +46,7 @@ def test_help_lists_models_and_datasets_whole(columns):
     assert f"datasets: {', '.join(dataset_classes())}." in epilog
 
 
+@pytest.mark.slow
 def test_script_reports_bad_input_in_one_line_without_traceback():
     done = _run_main_script("--model", "nope", "--dataset", "seq-synthetic")
     assert done.returncode == 2

@@ -1,6 +1,7 @@
 """BMKP's long-term memory export (--save_memory) and its evaluation (models/bmkp/evaluate.py)."""
 import json
 
+import pytest
 import torch
 
 from helpers import assert_one_line_error, synthetic_argv
@@ -15,6 +16,7 @@ BMKP_OPTIONS = ("--nf", "8", "--lr", "0.1", "--n_epochs", "2", "--retrain_epochs
                 "--eval_batch_size", "40")
 
 
+@pytest.mark.slow
 def test_saved_memory_evaluates_to_the_runs_last_row(tmp_path, capsys):
     results, memory = tmp_path / "results", tmp_path / "memories" / "ltm.pt"
     argv = synthetic_argv(results, *BMKP_OPTIONS, "--n_runs", "2", "--save_memory", str(memory),
@@ -41,6 +43,7 @@ def test_saved_memory_evaluates_to_the_runs_last_row(tmp_path, capsys):
     assert lines[6] == f"average: {run['final_acc']:.2f}"
 
 
+@pytest.mark.slow
 def test_saved_file_holds_the_memory_and_options_and_fits_one_dataset(tmp_path, capsys):
     memory = tmp_path / "ltm.pt"
     argv = synthetic_argv(tmp_path / "results", *BMKP_OPTIONS, "--n_epochs", "1",

@@ -206,6 +206,7 @@ def _shared_bytes(*extra: str, model: str) -> int:
     return sum(p.numel() * 4 for n, p in net.named_parameters() if not n.startswith("heads."))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, extra", [
     ("ewc_on", ("--fisher_batch_size", "8", "--e_lambda", "5", "--gamma", "0.9")),
     ("si", ("--c", "0.5", "--xi", "1.0")),

@@ -59,6 +59,7 @@ def tiny(real_data):
     return SequentialTinyImageNet(dataset_args("seq-tinyimg", real_data))
 
 
+@pytest.mark.slow
 def test_cifar10_image_folders(cifar10, real_data):
     _assert_split_sizes(cifar10, [5000] * 10, [1000] * 10)
     root = real_data / "cifar10-jpeg"
@@ -71,6 +72,7 @@ def test_cifar10_image_folders(cifar10, real_data):
         _assert_found_with_label(cifar10, path, classes.index(name), split)
 
 
+@pytest.mark.slow
 def test_cifar100_image_folders(cifar100, real_data):
     _assert_split_sizes(cifar100, [500] * 100, [100] * 100)
     root = real_data / "cifar100-jpeg"
@@ -81,6 +83,7 @@ def test_cifar100_image_folders(cifar100, real_data):
         _assert_found_with_label(cifar100, path, label, split)
 
 
+@pytest.mark.slow
 def test_tiny_imagenet_original_layout(tiny, real_data):
     root = real_data / "tiny-imagenet-200"
     wnids = sorted((root / "wnids.txt").read_text().split())

@@ -164,6 +164,7 @@ def test_gem_without_quadprog_names_the_fix(tmp_path, capsys, monkeypatch):
                           "pip install quadprog")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", REPLAY_MODELS)
 def test_replay_run_writes_a_complete_result(tmp_path, capsys, model):
     buffer_size = 50

@@ -62,6 +62,7 @@ def results(tmp_path):
     return folder
 
 
+@pytest.mark.slow
 def test_table1_values_reference_and_difference(tmp_path, capsys, results):
     out, err = run_report(tmp_path, capsys, results)
     assert err == ""
@@ -83,6 +84,7 @@ def test_table1_values_reference_and_difference(tmp_path, capsys, results):
     assert f"wrote {tmp_path / 'out' / 'table1.tex'}" in out
 
 
+@pytest.mark.slow
 def test_mismatched_protocol_and_missing_or_repeated_seeds_are_flagged(tmp_path, capsys,
                                                                        results):
     write_run(results, "sgd", "seq-cifar10", 0, [50.0, 70.0], 1.5, lr=0.1)  # other protocol
@@ -108,6 +110,7 @@ def test_mismatched_protocol_and_missing_or_repeated_seeds_are_flagged(tmp_path,
     assert "- [few]: fewer distinct seeds than the largest group (3)." in md
 
 
+@pytest.mark.slow
 def test_ablation_and_lambda_tables(tmp_path, capsys, results):
     write_run(results, "bmkp", "seq-cifar10", 0, [80.0, 78.0], 20.0, lambd=10.0,
               no_basis_update=True)
@@ -138,6 +141,7 @@ def _is_png(path):
     return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow
 def test_figures_are_written(tmp_path, capsys, results):
     write_run(results, "sgd", "seq-cifar100", 0, [40.0, 50.0], 1.5, per_task_memory=False)
     out, _ = run_report(tmp_path, capsys, results)

@@ -11,10 +11,11 @@ from utils.main import main
 
 # Narrow for speed, yet wide enough for every method (at nf 8 a GPM task ended at 56); the
 # README's quick start (bmkp at nf 20) was run over seeds and layouts in the closing notes.
+# Seed 0 for every method; BMKP, the headline method, also with seed 1 and in the contiguous
+# layout.
 NF = "12"
-SEEDS = (0, 1)
-CASES = ([(model, seed, "1") for model in model_classes() for seed in SEEDS]
-         + [("bmkp", seed, "0") for seed in SEEDS])  # BMKP in both memory layouts
+CASES = ([(model, 0, "1") for model in model_classes()]
+         + [("bmkp", 1, "1"), ("bmkp", 0, "0")])
 
 
 @pytest.mark.slow

@@ -58,6 +58,7 @@ def train(args: argparse.Namespace) -> tuple[ContinualModel, SequentialDataset, 
     return model, dataset, metrics, losses
 
 
+@pytest.mark.slow
 def test_channels_last_evaluates_trained_weights_alike(synthetic_args):
     args = synthetic_args("--channels_last", "1", "--lr", "0.01")
     model, dataset, metrics, _ = train(args)
@@ -77,6 +78,7 @@ def test_channels_last_evaluates_trained_weights_alike(synthetic_args):
         torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_channels_last_training_follows_the_same_losses(synthetic_args):
     _, _, _, fast = train(synthetic_args("--channels_last", "1", "--lr", "0.005"))
     _, _, _, plain = train(synthetic_args("--channels_last", "0", "--lr", "0.005"))
@@ -86,6 +88,7 @@ def test_channels_last_training_follows_the_same_losses(synthetic_args):
                                rtol=1e-4, atol=0)
 
 
+@pytest.mark.slow
 def test_same_seed_and_options_give_identical_results(synthetic_args):
     first, _ = run(synthetic_args("--seed", "3"), log=lambda *a: None)
     again, _ = run(synthetic_args("--seed", "3"), log=lambda *a: None)

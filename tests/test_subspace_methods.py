@@ -86,6 +86,7 @@ def _task0_drift(synthetic_args, model: str, *extra: str) -> float:
     return ((after - before).norm() / before.norm()).item()
 
 
+@pytest.mark.slow
 def test_gpm_barely_moves_earlier_tasks_outputs(synthetic_args):
     gpm = _task0_drift(synthetic_args, "gpm", "--gpm_threshold", "0.999")
     sgd = _task0_drift(synthetic_args, "sgd")
@@ -131,6 +132,7 @@ def test_adam_nscl_updates_lie_in_the_computed_null_space(synthetic_args):
     assert moved > 0
 
 
+@pytest.mark.slow
 def test_wsn_keeps_earlier_predictions_bit_identical(synthetic_args):
     dataset, wsn = build_on_cpu(synthetic_args, "wsn", "--n_epochs", "1", "--sparsity", "0.3")
     ctx = cpu_context()
@@ -200,6 +202,7 @@ def test_adam_methods_refuse_momentum_and_follow_the_lr_schedule(synthetic_args,
     assert [group["lr"] for group in method.optimizer.param_groups] == [lr / 2 for lr in lrs]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,component", [("gpm", "gpm_bases"),
                                              ("adam_nscl", "nscl_covariance"),
                                              ("wsn", "wsn_masks_packed")])

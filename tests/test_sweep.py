@@ -27,6 +27,7 @@ def _results(tmp_path: Path) -> dict[float, dict]:
     return {r["config"]["lr"]: r for r in runs}
 
 
+@pytest.mark.slow
 def test_local_sweep_runs_each_job_once_then_skips_them(tmp_path, capsys):
     config = _config(tmp_path)
     assert sweep.main([str(config), "--jobs", "2"]) == 0
@@ -46,6 +47,7 @@ def test_local_sweep_runs_each_job_once_then_skips_them(tmp_path, capsys):
     assert len(_results(tmp_path)) == 2
 
 
+@pytest.mark.slow
 def test_failed_job_is_reported_with_its_log(tmp_path, capsys):
     config = _config(tmp_path, grid={"lr": [-1]})
     assert sweep.main([str(config)]) == 1
@@ -85,6 +87,7 @@ def test_submitit_backend_without_submitit_is_a_user_error(tmp_path, capsys, mon
                           "pip install submitit")
 
 
+@pytest.mark.slow
 def test_submitit_local_executor_runs_the_jobs(tmp_path, capsys):
     pytest.importorskip("submitit")
     config = _config(tmp_path, grid={"lr": [0.1]})

@@ -23,6 +23,7 @@ from utils.setup import set_deterministic
 N_TASKS = SequentialSynthetic.N_TASKS
 CHANCE = 100.0 / SequentialSynthetic.N_CLASSES_PER_TASK
 
+@pytest.mark.slow
 def test_sgd_run_writes_a_complete_result(tmp_path, capsys):
     result, _ = run_synthetic(tmp_path, capsys)
     check_result(result, "sgd")
@@ -36,6 +37,7 @@ def test_sgd_run_writes_a_complete_result(tmp_path, capsys):
 JOINT_OPTIONS = ("--n_epochs", "8", "--batch_size", "16")
 
 
+@pytest.mark.slow
 def test_joint_run_learns_the_tasks_jointly(tmp_path, capsys):
     result, _ = run_synthetic(tmp_path, capsys, *JOINT_OPTIONS, model="joint")
     check_result(result, "joint")
@@ -48,6 +50,7 @@ def test_joint_run_learns_the_tasks_jointly(tmp_path, capsys):
     }
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_accuracy_matrix(tmp_path, capsys):
     first, _ = run_synthetic(tmp_path / "a", capsys, "--seed", "3")
     second, _ = run_synthetic(tmp_path / "b", capsys, "--seed", "3")
@@ -73,6 +76,7 @@ def test_metrics_after_one_task_have_no_transfer():
     assert m["final_acc"] == 42.0 and m["bwt"] is None and m["forgetting"] is None
 
 
+@pytest.mark.slow
 def test_every_epoch_is_logged_beside_the_result(tmp_path, capsys):
     """One JSON line per finished epoch: task, phase, epoch, loss, seconds, images/s."""
     result, path = run_synthetic(tmp_path, capsys, "--n_epochs", "2")
@@ -113,6 +117,7 @@ def _dump_half_then(exc: BaseException):
     return types.SimpleNamespace(dumps=json.dumps, dump=dump)
 
 
+@pytest.mark.slow
 def test_interrupt_while_writing_the_result_leaves_no_file(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(results, "json", _dump_half_then(KeyboardInterrupt()))
     assert main(synthetic_argv(tmp_path / "results")) == 130
