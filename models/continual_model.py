@@ -134,12 +134,22 @@ class ContinualModel(nn.Module):
                 self.scheduler.step()
 
     def forward_samples(self, data: TaskData, ctx: TrainingContext, n_samples: int, task: int,
-                        augment: bool, batch_size: int | None = None) -> None:
+                        augment: bool, batch_size: int | None = None,
+                        batch_statistics: bool = False) -> None:
         """Forward the first n_samples of a shuffled pass over `data` in eval mode, in batches
         of `batch_size` (default: the training batch size), without gradients: the pass that
-        forward hooks record representations from (BMKP, GPM, Adam-NSCL)."""
+        forward hooks record representations from (BMKP, GPM, Adam-NSCL).
+
+        With `batch_statistics`, BatchNorm normalises each batch with its own statistics, as
+        in training, and leaves its running statistics untouched."""
         was_training = self.net.training
         self.net.eval()
+        norms = [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        tracking = [m.track_running_stats for m in norms]
+        if batch_statistics:
+            for m in norms:
+                m.train()
+                m.track_running_stats = False
         remaining = n_samples
         try:
             with torch.no_grad():
@@ -150,6 +160,8 @@ class ContinualModel(nn.Module):
                     if remaining <= 0:
                         break
         finally:
+            for m, tracked in zip(norms, tracking):
+                m.track_running_stats = tracked
             self.net.train(was_training)
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:

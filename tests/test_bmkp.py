@@ -238,6 +238,32 @@ def test_paper_mode_stores_the_exact_batchnorm_statistics_of_the_stored_weights(
     assert stem_bn.momentum == 0.1  # restored after the pass
 
 
+@pytest.mark.parametrize("mode", ["running", "batch"])
+def test_projection_pass_batchnorm_uses_running_or_batch_statistics(tmp_path, mode):
+    """--projection_bn batch: the pass normalises each batch with its own statistics (the
+    stem BN's output then has the BN bias as its batch mean) and leaves the running
+    statistics as they were; running: eval-mode BN with the running statistics."""
+    model, dataset, ctx = build(tmp_path, "--projection_bn", mode)
+    stem_bn = model.net.bn1.sets[0]
+    with torch.no_grad():
+        stem_bn.bias.uniform_(-1, 1)
+        stem_bn.running_mean.uniform_(-1, 1)
+    before = {k: v.clone() for k, v in stem_bn.state_dict().items()}
+    outputs = []
+    hook = model.net.bn1.register_forward_hook(lambda m, i, out: outputs.append(out))
+    try:
+        model.forward_samples(dataset.train_data(0), ctx, 64, 0, augment=True,
+                              batch_statistics=mode == "batch")
+    finally:
+        hook.remove()
+    batch_mean = outputs[0].mean((0, 2, 3))
+    close = torch.allclose(batch_mean, stem_bn.bias, atol=1e-4)
+    assert close == (mode == "batch")
+    for key, value in stem_bn.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert stem_bn.track_running_stats and stem_bn.training  # restored after the pass
+
+
 @pytest.mark.parametrize("compat, last_batch", [("paper", 28), ("official", 8)])
 def test_official_mode_keeps_the_reference_loaders_remainder_batch(tmp_path, compat, last_batch):
     model, dataset, ctx = build(tmp_path, "--compat", compat, "--n_epochs", "1")

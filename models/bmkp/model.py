@@ -27,7 +27,8 @@ Two modes (`--compat`):
 `--reg` picks the regularizer independently: `official` (the code's trace/sum form, default)
 or `paper` (Eq. 4's trace / L1 form); see models/bmkp/regularizer.py. `--energy` picks what
 the thresholds measure: squared singular values (`sigma2`, the code's) or singular values
-(`sigma`, the paper's footnote 3; paper mode only).
+(`sigma`, the paper's footnote 3; paper mode only); `--projection_bn` whether BatchNorm in the
+projection pass uses running statistics or each batch's own (paper mode only).
 """
 from __future__ import annotations
 
@@ -84,6 +85,10 @@ class BMKP(ContinualModel):
         parser.add_argument("--energy", choices=ENERGIES, default="sigma2",
                             help="what the thresholds measure: squared singular values (the "
                                  "reference code) or singular values (the paper's footnote 3)")
+        parser.add_argument("--projection_bn", choices=("running", "batch"), default="running",
+                            help="BatchNorm in the projection pass: eval mode (running "
+                                 "statistics where they are tracked) or each batch's own "
+                                 "statistics, as in training (paper mode only)")
         parser.add_argument("--projection_samples", type=positive_int, default=500,
                             help="training images whose activations build the bases")
         parser.add_argument("--retrain_epochs", type=non_negative_int, default=None,
@@ -107,9 +112,10 @@ class BMKP(ContinualModel):
                 args.save_memory = per_seed_path(args.save_memory, args.seed)
             check_writable(args.save_memory)
         if args.compat == "official":
-            if args.energy != "sigma2":
+            if args.energy != "sigma2" or args.projection_bn != "running":
                 raise UserError("--compat official keeps the reference's energy (squared "
-                                "singular values); drop --energy or use --compat paper")
+                                "singular values) and projection pass; drop --energy and "
+                                "--projection_bn or use --compat paper")
             args.shortcut = "none"
             args.head_bias = 0
         if args.compat == "official" and dataset.NAME in OFFICIAL_BATCH_STAT_DATASETS:
@@ -193,7 +199,8 @@ class BMKP(ContinualModel):
             n_samples = min(len(data), (n_samples // ctx.batch_size + 2) * ctx.batch_size)
             batch_size = n_samples
         with recording_grams(self.projected, "output") as grams:
-            self.forward_samples(data, ctx, n_samples, task, augment=True, batch_size=batch_size)
+            self.forward_samples(data, ctx, n_samples, task, augment=True, batch_size=batch_size,
+                                 batch_statistics=self.args.projection_bn == "batch")
         level = self.args.threshold_first if task == 0 else self.args.threshold
         first_count = "below" if self.args.compat == "official" else "reach"
         bases = {name: update_basis(acc.gram, self.memory.basis(name), level,
