@@ -20,7 +20,7 @@ def _resnet(depth: str) -> Callable[[argparse.Namespace, object], ResNet]:
                       in_channels=dataset.CHANNELS,
                       identity_shortcut=args.shortcut == "identity",
                       head_bias=bool(args.head_bias), image_size=dataset.IMAGE_SIZE,
-                      input_mean_std=dataset.INPUT_MEAN_STD)
+                      input_mean_std=dataset.input_mean_std(args))
     return build
 
 

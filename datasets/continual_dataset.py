@@ -107,6 +107,12 @@ class SequentialDataset:
     def add_arguments(parser: argparse._ActionsContainer) -> None:
         """Dataset-specific command-line options (none by default)."""
 
+    @classmethod
+    def input_mean_std(cls, args: argparse.Namespace
+                       ) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """The (mean, std) the backbone standardises inputs with under these options."""
+        return cls.INPUT_MEAN_STD
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         raw = self.load(args)

@@ -3,16 +3,18 @@ import argparse
 
 from torchvision.datasets import CIFAR10
 
+from datasets.cifar_inputs import NormalizableInputs
 from datasets.continual_dataset import RawSplits, SequentialDataset
 from datasets.sources import load_cifar
 
 
-class SequentialCIFAR10(SequentialDataset):
+class SequentialCIFAR10(NormalizableInputs, SequentialDataset):
     NAME = "seq-cifar10"
     N_TASKS = 5
     N_CLASSES_PER_TASK = 2
     IMAGE_SIZE = 32
     TRAIN_PER_CLASS = 5000
+    CHANNEL_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
     def load(self, args: argparse.Namespace) -> RawSplits:
         return load_cifar(args.data_path, self.NAME, CIFAR10, "cifar-10-batches-py",

@@ -184,6 +184,21 @@ def test_bias_free_heads_are_linear_in_the_features():
     assert all(head.bias is not None for head in biased.heads)
 
 
+@pytest.mark.parametrize("dataset", ["seq-cifar10", "seq-cifar100"])
+def test_cifar_inputs_are_standardised_only_when_asked(dataset):
+    from datasets import dataset_classes
+    cls = dataset_classes()[dataset]
+    for flag, expected in (("0", None), ("1", cls.CHANNEL_MEAN_STD)):
+        args = parse_args(["--model", "sgd", "--dataset", dataset, "--nf", "4",
+                           "--normalize_inputs", flag])
+        net = build_backbone(args, cls)
+        if expected is None:
+            assert net.input_mean is None
+        else:
+            torch.testing.assert_close(net.input_mean.flatten(), torch.tensor(expected[0]))
+            torch.testing.assert_close(net.input_std.flatten(), torch.tensor(expected[1]))
+
+
 def test_dataset_normalisation_is_applied_inside_the_network():
     """Tiny-ImageNet's inputs are standardised by the backbone itself (after augmentation, as
     the reference's transform), so every path that feeds images gets the same input."""

@@ -134,9 +134,12 @@ def test_first_task_bases_reach_the_threshold_in_paper_mode_only(tmp_path, compa
         assert all(r < 0.96 + 1e-6 for r in retained)
 
 
-def test_official_mode_keeps_the_reference_energy():
-    args = parse_args(["--model", "bmkp", "--dataset", "seq-synthetic", "--compat", "official",
-                       "--energy", "sigma"])
+@pytest.mark.parametrize("dataset, option", [("seq-synthetic", ("--energy", "sigma")),
+                                             ("seq-synthetic", ("--projection_bn", "batch")),
+                                             ("seq-cifar10", ("--normalize_inputs", "1"))])
+def test_official_mode_keeps_the_reference_energy_projection_and_inputs(dataset, option):
+    args = parse_args(["--model", "bmkp", "--dataset", dataset, "--compat", "official",
+                       *option])
     with pytest.raises(UserError, match="--compat official keeps the reference's energy"):
         BMKP.configure(args, SequentialSynthetic)
 

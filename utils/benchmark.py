@@ -51,7 +51,7 @@ class RandomData:
     def __init__(self, dataset_cls, n_train: int, n_test: int) -> None:
         self.N_TASKS, self.N_CLASSES_PER_TASK = dataset_cls.N_TASKS, dataset_cls.N_CLASSES_PER_TASK
         self.CHANNELS, self.IMAGE_SIZE = dataset_cls.CHANNELS, dataset_cls.IMAGE_SIZE
-        self.INPUT_MEAN_STD = dataset_cls.INPUT_MEAN_STD
+        self.input_mean_std = dataset_cls.input_mean_std
         self._train = [synthetic_task(dataset_cls, n_train, t) for t in range(2)]
         self._test = [synthetic_task(dataset_cls, n_test, t) for t in range(2)]
 

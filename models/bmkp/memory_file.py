@@ -20,7 +20,7 @@ from utils.results import write_atomic
 FORMAT = "long-term-memory/1"
 SAVED_OPTIONS = ("backbone", "nf", "shortcut", "head_bias", "per_task_bn", "bn_running_stats",
                  "channels_last", "eval_batch_size", "amp", "seed", "class_order_seed",
-                 "validation")
+                 "validation", "normalize_inputs")
 
 
 def per_seed_path(path: Path, seed: int) -> Path:
@@ -37,7 +37,7 @@ def check_writable(path: Path) -> None:
 
 def save_memory(model: nn.Module, args: argparse.Namespace, path: Path) -> None:
     payload = {"format": FORMAT, "model": args.model, "dataset": args.dataset,
-               "args": {key: getattr(args, key) for key in SAVED_OPTIONS},
+               "args": {key: getattr(args, key, None) for key in SAVED_OPTIONS},
                "memory": model.memory.state_dict()}
     write_atomic(path, lambda f: torch.save(payload, f), binary=True)
 

@@ -112,10 +112,12 @@ class BMKP(ContinualModel):
                 args.save_memory = per_seed_path(args.save_memory, args.seed)
             check_writable(args.save_memory)
         if args.compat == "official":
-            if args.energy != "sigma2" or args.projection_bn != "running":
+            if (args.energy != "sigma2" or args.projection_bn != "running"
+                    or getattr(args, "normalize_inputs", 0)):
                 raise UserError("--compat official keeps the reference's energy (squared "
-                                "singular values) and projection pass; drop --energy and "
-                                "--projection_bn or use --compat paper")
+                                "singular values), projection pass and CIFAR inputs; drop "
+                                "--energy, --projection_bn and --normalize_inputs or use "
+                                "--compat paper")
             args.shortcut = "none"
             args.head_bias = 0
         if args.compat == "official" and dataset.NAME in OFFICIAL_BATCH_STAT_DATASETS:
