@@ -67,14 +67,21 @@ def test_run_stopped_by_its_budget_resumes_to_the_same_result(tmp_path, capsys):
 @pytest.mark.slow
 def test_reproduce_stops_at_its_budget_then_finishes_and_tabulates(tmp_path, monkeypatch,
                                                                    capsys):
-    monkeypatch.setattr(reproduce, "FINISH_MARGIN_S", 0.0)
-
     def run(results: Path, *more: str) -> int:
         return reproduce.main(["--table", "1", "--datasets", "seq-synthetic", "--seeds", "0",
                                "--device", "cpu", "--debug_mode", "1",
                                "--results_dir", str(results), *more, "--", *SMALL])
 
+    # Too little time to start anything: nothing runs, the command says so (exit 75).
     assert run(tmp_path / "cut", "--budget_s", "0.001") == BUDGET_EXIT
+    assert "1 not started" in capsys.readouterr().out
+    # A job handed almost no time stops after its first task (independent of this machine's
+    # speed: the budget each job gets is forced to a millisecond).
+    launch = reproduce.launch
+    with monkeypatch.context() as patch:
+        patch.setattr(reproduce, "launch",
+                      lambda job, threads, budget: launch(job, threads, 1e-3))
+        assert run(tmp_path / "cut", "--budget_s", "600") == BUDGET_EXIT
     assert "1 stopped" in capsys.readouterr().out
     assert run(tmp_path / "cut") == 0  # the same command, without the budget, resumes
     assert "1 done" in capsys.readouterr().out
