@@ -9,7 +9,8 @@ import pytest
 
 from helpers import assert_one_line_error, synthetic_argv
 from utils import reproduce
-from utils.main import BUDGET_EXIT, main
+from utils.main import main
+from utils.training import BUDGET_EXIT
 
 SMALL = ("--n_epochs", "1", "--retrain_epochs", "1", "--nf", "4", "--batch_size", "32")
 

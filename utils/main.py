@@ -23,10 +23,7 @@ from utils.context import TrainingContext  # noqa: E402
 from utils.setup import (build, resolve_device, seed_everything, set_deterministic,  # noqa: E402
                          set_threads)
 from utils.sizes import BYTES_PER_MB  # noqa: E402
-from utils.training import BudgetReached, run_tasks  # noqa: E402
-
-# Exit status of a run stopped by --budget_s (EX_TEMPFAIL: resumable, not failed).
-BUDGET_EXIT = 75
+from utils.training import BUDGET_EXIT, BudgetReached, run_tasks  # noqa: E402
 
 def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
     """Build dataset and model from the options, learn all tasks (logging every epoch to

@@ -39,6 +39,7 @@ from utils import benchmark, report  # noqa: E402
 from utils.args import OneLineErrorParser, parse_args  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.sweep import Job, job_folder, option_args, run_job  # noqa: E402
+from utils.training import BUDGET_EXIT  # noqa: E402
 from utils.validators import non_negative_int, positive_float, positive_int  # noqa: E402
 
 PAPER_DATASETS = ("seq-cifar10", "seq-cifar100", "seq-tinyimg")
@@ -50,7 +51,6 @@ TABLES = {
     4: (("seq-cifar100", "seq-tinyimg"),
         [{"threshold": level} for level in (0.95, 0.96, 0.97, 0.98)]),
 }
-BUDGET_EXIT = 75  # utils/main.py's exit status for a run stopped by --budget_s
 # Seconds a job needs beyond its last task to write its result; it is given its remaining
 # budget less this, and no job starts with less than twice this left.
 FINISH_MARGIN_S = 20.0

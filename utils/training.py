@@ -50,6 +50,10 @@ class Progress:
         return len(self.matrix)
 
 
+# Exit status of a run stopped by --budget_s (EX_TEMPFAIL: resumable, not failed).
+BUDGET_EXIT = 75
+
+
 class BudgetReached(Exception):
     """The time budget would run out during the next task; the run stopped after `task`."""
 
