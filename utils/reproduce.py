@@ -218,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             extra["data_path"] = str(opts.data_path)
         jobs = plan(opts.table, opts.datasets, opts.seeds, opts.compat, extra, opts.results_dir)
         pending = [job for job in jobs if not job.done()]
-        print(f"{len(jobs)} jobs, {len(jobs) - len(pending)} done, "
-              f"{sum(map(has_checkpoint, pending))} resumable, "
-              f"{len(pending) - sum(map(has_checkpoint, pending))} to start")
+        resumable = sum(map(has_checkpoint, pending))
+        print(f"{len(jobs)} jobs, {len(jobs) - len(pending)} done, {resumable} resumable, "
+              f"{len(pending) - resumable} to start")
         if opts.dry_run:
             dry_run(jobs, opts.jobs, opts.threads)
             return 0
