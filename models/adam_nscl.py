@@ -74,6 +74,7 @@ class NullSpaceAdam(torch.optim.Adam):
 class AdamNSCL(ContinualModel):
     NAME = "adam_nscl"
     DEFAULTS = {"per_task_bn": 1, "lr": 1e-4}
+    PAPER_NF = 20  # the reduced ResNet-18, as GPM (BMKP paper, Section 6.1)
     BEST_CONFIGS = REFERENCE_RUNS
 
     @staticmethod

@@ -36,6 +36,9 @@ class ContinualModel(nn.Module):
     DEFAULTS: ClassVar[dict] = {}
     # Per-dataset hyperparameters loaded by --model_config best, with their source.
     BEST_CONFIGS: ClassVar[dict[str, dict]] = {}
+    # The backbone width --model_config best gives the method: the network the BMKP paper ran
+    # it on (Section 6.1: the standard ResNet-18, nf 64, except GPM, Adam-NSCL and BMKP).
+    PAPER_NF: ClassVar[int] = 64
     # Why the method needs one BatchNorm set for all tasks (None: per-task BN is fine).
     SHARED_BN_REASON: ClassVar[str | None] = None
     # The method's own tables in the paper's report beyond Table 1 (see utils/tables.py).

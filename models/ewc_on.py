@@ -11,7 +11,8 @@ ResNet-18 (width 64); on the reduced ResNet-18 (width 20) at 5 epochs per task t
 here: at task 2 with the unweighted Fisher, at task 3 with this one (SGD on the penalty is
 stable only while lr * 2 * e_lambda * F_i < 2). With e_lambda 3 and 1 (lr 0.03, seed 0) all
 five tasks ran, ending at ACC 62.2 and 55.1 (result/cpu_budget/). The best configuration
-keeps the published 10; pass --e_lambda 3 on the reduced network.
+keeps the published 10 and, like mammoth, the standard ResNet-18 (nf 64); pass --e_lambda 3
+on the reduced network.
 
 Only shared parameters are anchored (see models/penalty.py): in Task-IL a task's own head
 never moves after the task, so its Fisher would weigh a difference that is always zero.

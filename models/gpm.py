@@ -40,6 +40,7 @@ RESNET_SETTING = dict(lr=0.1, batch_size=64, n_epochs=100, gpm_threshold=0.965,
 class GPM(ContinualModel):
     NAME = "gpm"
     DEFAULTS = {"bn_running_stats": 0}
+    PAPER_NF = 20  # GPM's reduced ResNet-18
     BEST_CONFIGS = {name: RESNET_SETTING for name in ("seq-cifar10", "seq-cifar100",
                                                       "seq-tinyimg")}
 

@@ -58,6 +58,9 @@ REFERENCE_RUNS = {
 class WSN(ContinualModel):
     NAME = "wsn"
     DEFAULTS = {"per_task_bn": 1, "bn_running_stats": 0, "lr": 1e-3}
+    # The reduced ResNet-18 of GPM, which the WSN code uses wherever it runs a ResNet-18
+    # (REFERENCE_RUNS above); the BMKP paper does not say WSN ran otherwise.
+    PAPER_NF = 20
     BEST_CONFIGS = REFERENCE_RUNS
 
     @staticmethod

@@ -11,6 +11,7 @@ from datasets import dataset_classes
 from helpers import (REPO, assert_one_line_error, real_folder, synthetic_argv,
                      write_image_folders)
 from models import model_classes
+from utils.args import parse_args
 from utils.main import main
 
 DATASETS = {"seq-cifar10", "seq-cifar100", "seq-tinyimg", "seq-synthetic"}
@@ -117,3 +118,15 @@ def test_cifar100_folder_given_to_seq_cifar10_is_a_user_error(tmp_path, capsys, 
     _assert_one_line_error(capsys, _cifar10_argv(tmp_path, cifar100),
                            "has 100 class folders, expected 10")
     assert offline_cifar == []
+
+
+@pytest.mark.parametrize("model, width", [("sgd", 64), ("er", 64), ("ewc_on", 64),
+                                          ("gpm", 20), ("adam_nscl", 20), ("bmkp", 20),
+                                          ("wsn", 20)])
+def test_best_config_gives_each_method_the_papers_width(model, width):
+    """The BMKP paper ran GPM, Adam-NSCL and BMKP (and WSN's code) on the reduced ResNet-18,
+    every other baseline on the standard one; a width typed on the command line still wins."""
+    best = ["--model", model, "--dataset", "seq-cifar10", "--model_config", "best"]
+    assert parse_args(best).nf == width
+    assert parse_args([*best, "--nf", "32"]).nf == 32
+    assert parse_args(["--model", model, "--dataset", "seq-cifar10"]).nf == 20

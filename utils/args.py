@@ -1,7 +1,8 @@
 """Command-line options: the common ones, plus those of the chosen model and dataset.
 
 Precedence, lowest first: common defaults, the dataset's DEFAULTS, the model's DEFAULTS, its
---model_config best values for the dataset, then whatever was typed on the command line.
+--model_config best values for the dataset (with its paper width, PAPER_NF), then whatever was
+typed on the command line.
 """
 from __future__ import annotations
 
@@ -91,7 +92,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--backbone", choices=BACKBONES, default="resnet18")
     net.add_argument("--nf", type=positive_int, default=20,
                      help="base width: 20 = reduced ResNet-18 (GPM, BMKP; the default for "
-                          "every method), 64 = the standard ResNet-18 of mammoth's baselines")
+                          "every method), 64 = the standard ResNet-18 of mammoth's baselines; "
+                          "--model_config best gives each method the width the BMKP paper "
+                          "used for it")
     net.add_argument("--shortcut", choices=("identity", "none"), default="identity",
                      help="what a block whose shape does not change adds to its output: x "
                           "(a ResNet), or nothing (the BMKP reference code's network)")
@@ -153,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 f"{dataset_cls.NAME} (it has: "
                                 f"{', '.join(model_cls.BEST_CONFIGS) or 'none'}); "
                                 "drop --model_config best and set the options yourself")
-            parser.set_defaults(**model_cls.BEST_CONFIGS[dataset_cls.NAME])
+            parser.set_defaults(nf=model_cls.PAPER_NF, **model_cls.BEST_CONFIGS[dataset_cls.NAME])
     args = parser.parse_args(argv)
     if args.resume and args.checkpoint_dir is None:
         raise UserError("--resume needs --checkpoint_dir DIR, the folder of the checkpoint")

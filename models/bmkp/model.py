@@ -61,6 +61,7 @@ OFFICIAL_EVAL_BATCH = 128
 class BMKP(ContinualModel):
     NAME = "bmkp"
     DEFAULTS = {"per_task_bn": 1, "lr_step": 45}
+    PAPER_NF = 20  # the reduced ResNet-18 of GPM, as the paper and its code
     PAPER_TABLES = PAPER_TABLES
     # The paper's runs (reference doc, "Hyperparameters of the paper's runs").
     BEST_CONFIGS = {
