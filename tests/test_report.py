@@ -5,6 +5,8 @@ import json
 import pytest
 
 from helpers import assert_one_line_error
+from models import model_classes
+from utils.figures import HIGHLIGHTED, method_styles
 from utils.metrics import summarize
 from utils.report import REFERENCE, main
 from utils.results import write_json_atomic
@@ -69,15 +71,17 @@ def test_table1_values_reference_and_difference(tmp_path, capsys, results):
     md = (tmp_path / "out" / "table1.md").read_text()
     rows = table_rows(md)
     assert rows["method"] == ["seq-cifar10 ACC", "seq-cifar10 MB", "seq-cifar10 paper",
-                              "seq-cifar10 diff"]
-    assert rows["bmkp"] == ["94.00 +- 0.50 (3 seeds)", "25.50", "94.49 +- 0.20", "-0.49"]
-    assert rows["joint"] == ["98.00 +- 1.00 (3 seeds)", "1.50", "98.07", "-0.07"]
-    assert rows["sgd"] == ["64.00 +- 4.00 (3 seeds)", "1.50", "-", "-"]
+                              "seq-cifar10 diff", "seq-cifar10 protocol"]
+    assert rows["bmkp"] == ["94.00 +- 0.50 (3 seeds)", "25.50", "94.49 +- 0.20", "-0.49",
+                            "3/5 seeds"]
+    assert rows["joint"] == ["98.00 +- 1.00 (3 seeds)", "1.50", "98.07", "-0.07", "3/5 seeds"]
+    assert rows["sgd"] == ["64.00 +- 4.00 (3 seeds)", "1.50", "-", "-", "-"]
     assert set(rows) == {"method", "bmkp", "joint", "sgd"}  # aggregate/benchmark skipped
     assert "warning" not in md and "[few]" not in md
     tex = (tmp_path / "out" / "table1.tex").read_text()
-    assert r"\multicolumn{4}{c}{seq-cifar10}" in tex
-    assert r"bmkp & 94.00 $\pm$ 0.50 (3 seeds) & 25.50 & 94.49 $\pm$ 0.20 & -0.49 \\" in tex
+    assert r"\multicolumn{5}{c}{seq-cifar10}" in tex
+    assert (r"bmkp & 94.00 $\pm$ 0.50 (3 seeds) & 25.50 & 94.49 $\pm$ 0.20 & -0.49 & "
+            r"3/5 seeds \\") in tex
     assert r"\begin{tabular}" in tex and r"\end{table}" in tex
     assert not (tmp_path / "out" / "table2.md").exists()  # no ablation runs
     assert f"wrote {tmp_path / 'out' / 'table1.md'}" in out
@@ -96,8 +100,8 @@ def test_mismatched_protocol_and_missing_or_repeated_seeds_are_flagged(tmp_path,
     assert "sgd" not in rows
     assert rows["sgd [lr=0.05]"][0] == "64.00 +- 4.00 (3 seeds)"
     assert rows["sgd [lr=0.1]"][0] == "60.00 (1 seed) [few]"
-    assert rows["joint"][4] == "85.00 +- 0.00 (3 runs, 2 seeds) [few] [dup]"
-    assert rows["joint"][6] == "91.18"  # the paper's CIFAR-100 Joint
+    assert rows["joint"][5] == "85.00 +- 0.00 (3 runs, 2 seeds) [few] [dup]"
+    assert rows["joint"][7] == "91.18"  # the paper's CIFAR-100 Joint
     warnings = err.splitlines()
     assert ("warning: sgd on seq-cifar10: runs differ in lr; reported as 2 separate rows, "
             "not averaged") in warnings
@@ -126,15 +130,61 @@ def test_ablation_and_lambda_tables(tmp_path, capsys, results):
                                                 "94.07", "-1.07"]
     assert table2["full"][:4] == ["94.00 +- 0.50 (3 seeds)", "25.50", "94.49", "-0.49"]
     table3 = table_rows((tmp_path / "out" / "table3.md").read_text())
-    assert table3["lambda"][-5:] == ["seq-tinyimg ACC", "seq-tinyimg MB", "seq-tinyimg paper",
-                                     "seq-tinyimg diff", "seq-tinyimg paper MB"]
-    assert table3["lambda = 1"][-5:] == ["69.00 (1 seed) [few]", "27.00", "69.18",
-                                         "-0.18", "26.81"]
-    assert table3["lambda = 100"][-5:] == ["67.00 (1 seed) [few]", "24.50", "67.41",
-                                           "-0.41", "24.98"]
+    assert table3["lambda"][-6:] == ["seq-tinyimg ACC", "seq-tinyimg MB", "seq-tinyimg paper",
+                                     "seq-tinyimg diff", "seq-tinyimg protocol",
+                                     "seq-tinyimg paper MB"]
+    assert table3["lambda = 1"][-6:] == ["69.00 (1 seed) [few]", "27.00", "69.18",
+                                         "-0.18", "1/5 seeds", "26.81"]
+    assert table3["lambda = 100"][-6:] == ["67.00 (1 seed) [few]", "24.50", "67.41",
+                                           "-0.41", "1/5 seeds", "24.98"]
     assert table3["lambda = 10"][0] == "94.00 +- 0.50 (3 seeds)"  # the CIFAR-10 runs
     assert (tmp_path / "out" / "table3.tex").is_file()
     assert "bmkp on seq-cifar10: runs differ in no_basis_update, retrain_epochs" in err
+
+
+@pytest.mark.slow
+def test_rows_off_the_papers_protocol_are_labelled_and_get_no_diff(tmp_path, capsys):
+    """The CPU-budget protocol (5 of 50 epochs, the reduced network for a baseline the paper
+    ran on the standard one, one seed) is named in the row; its gap to the paper is no diff."""
+    folder = tmp_path / "result"
+    write_run(folder, "derpp", "seq-cifar10", 0, [80.0, 82.0], 5.0, n_epochs=5, nf=20,
+              buffer_size=500, batch_size=32)
+    write_run(folder, "er", "seq-cifar10", 0, [80.0, 90.0], 5.0, n_epochs=50, nf=64,
+              buffer_size=200)
+    for seed in range(5):
+        write_run(folder, "bmkp", "seq-cifar10", seed, [94.0, 94.0], 25.0, n_epochs=50,
+                  retrain_epochs=50, nf=20, batch_size=128)
+    run_report(tmp_path, capsys, folder)
+    md = (tmp_path / "out" / "table1.md").read_text()
+    rows = table_rows(md)
+    assert rows["derpp"][2:] == ["93.71 +- 0.40", "n/a", "5/50 epochs, nf 20/64, 1/5 seeds"]
+    assert rows["er"][2:] == ["-", "-", "-"]  # the paper has no ER row
+    assert rows["bmkp"][2:] == ["94.49 +- 0.20", "-0.49", "paper"]
+    assert "diff n/a: the runs' protocol differs from the paper's" in md
+
+
+def test_reference_protocol_matches_the_best_configurations():
+    """The protocol the report compares with is the one --model_config best runs."""
+    protocol = json.loads(REFERENCE.read_text())["protocol"]
+    for name, cls in model_classes().items():
+        assert protocol["nf"].get(name, protocol["nf"]["default"]) == cls.PAPER_NF, name
+    bmkp = model_classes()["bmkp"].BEST_CONFIGS
+    for dataset, epochs in protocol["n_epochs"].items():
+        assert bmkp[dataset]["n_epochs"] == epochs
+        assert bmkp[dataset]["batch_size"] == protocol["batch_size"]["bmkp"][dataset]
+
+
+def test_every_method_gets_its_own_line_style_and_bmkp_stands_out():
+    methods = sorted({*model_classes(), *(f"method{i}" for i in range(20))})
+    styles = method_styles(methods, {m: m for m in methods})
+    looks = {(str(s["color"]), s["marker"]) for s in styles.values()}
+    assert len(looks) == len(methods)  # no two methods drawn alike
+    assert styles[HIGHLIGHTED]["color"] == "black" and styles[HIGHLIGHTED]["zorder"] > 1
+    # the same method keeps its look in another figure; its second row changes line style
+    again = method_styles(methods, {"sgd": "sgd", "sgd [lr=0.1]": "sgd", "er": "er"})
+    assert again["sgd"] == styles["sgd"] and again["er"] == styles["er"]
+    assert again["sgd [lr=0.1]"]["linestyle"] != again["sgd"]["linestyle"]
+    assert again["sgd [lr=0.1]"]["color"] == again["sgd"]["color"]
 
 
 def _is_png(path):

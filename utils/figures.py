@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -13,12 +14,38 @@ from utils.results import write_atomic
 
 DPI = 120
 MAX_ANNOTATED_TASKS = 12  # beyond this the per-cell numbers no longer fit
+# tab20's strong shades, then its light ones: 20 colours, neighbours in the list far apart.
+PALETTE = [colormaps["tab20"](i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
+# Seven markers against twenty colours: two methods share a (colour, marker) pair only after
+# 140 methods.
+MARKERS = "os^DvPX"
+LINESTYLES = ("-", "--", ":", "-.")  # for a method's several rows (protocols)
+HIGHLIGHTED = "bmkp"  # the framework's headline method, drawn to stand out
+
+
+def method_styles(methods: Sequence[str], rows: dict[str, str]) -> dict[str, dict]:
+    """Line styles by row label (`rows`: label -> method): the colour and marker of the
+    method's place in `methods` (methods not listed follow, in order of appearance), so a
+    method keeps them in every figure drawn from the same list, and a line style per row of
+    the same method; BMKP in black, thicker and on top."""
+    order = [*methods, *(m for m in dict.fromkeys(rows.values()) if m not in methods)]
+    styles, variants = {}, {}
+    for label, method in rows.items():
+        index = order.index(method)
+        variant = variants[method] = variants.get(method, -1) + 1
+        style = {"color": PALETTE[index % len(PALETTE)], "marker": MARKERS[index % len(MARKERS)],
+                 "linestyle": LINESTYLES[variant % len(LINESTYLES)], "linewidth": 1.4}
+        if method == HIGHLIGHTED:
+            style.update(color="black", marker="*", markersize=10, linewidth=2.6, zorder=5)
+        styles[label] = style
+    return styles
 
 
 def _save(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)
     fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=DPI), binary=True)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight"),
+                 binary=True)
 
 
 def accuracy_heatmap(matrix: Sequence[Sequence[float]], title: str, path: Path) -> None:
@@ -44,21 +71,23 @@ def accuracy_heatmap(matrix: Sequence[Sequence[float]], title: str, path: Path) 
 
 
 def task_curves(series: dict[str, dict[str, list[float]]], title: str, ylabel: str,
-                path: Path) -> None:
-    """One line per label over tasks 1..T: the mean, with a +-std band where std > 0."""
-    fig = Figure(figsize=(6, 4))
+                path: Path, styles: dict[str, dict] | None = None) -> None:
+    """One line per label over tasks 1..T: the mean, with a +-std band where std > 0, in the
+    label's style (method_styles); the legend sits outside the axes, right of them."""
+    fig = Figure(figsize=(8, 4.5))
     ax = fig.add_subplot()
     for label, stats in series.items():
         tasks = range(1, len(stats["mean"]) + 1)
-        ax.plot(tasks, stats["mean"], marker="o", label=label)
+        style = (styles or {}).get(label, {"marker": "o"})
+        line, = ax.plot(tasks, stats["mean"], label=label, **style)
         if any(stats["std"]):
             low = [m - s for m, s in zip(stats["mean"], stats["std"])]
             high = [m + s for m, s in zip(stats["mean"], stats["std"])]
-            ax.fill_between(tasks, low, high, alpha=0.2)
+            ax.fill_between(tasks, low, high, alpha=0.15, color=line.get_color())
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("tasks learned")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     _save(fig, path)

@@ -9,7 +9,11 @@ configuration less the options that do not change the experiment
 model_config). Nothing is averaged across protocols: groups of one model and dataset with
 different protocols become separate rows, labelled with the options they differ in, and a
 warning names those options; a group with fewer distinct seeds than the largest group, or
-with a seed run twice, is flagged in the tables and warned about.
+with a seed run twice, is flagged in the tables and warned about. Each row's protocol is also
+compared with the paper's (bmkp_paper.json's "protocol": epochs, network width, buffer, batch,
+seeds) and the differences are shown in its own column; where they go beyond the seed count,
+the difference to the paper's number is left out, since it would measure the protocol, not the
+method.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from models import model_classes  # noqa: E402
 from utils.aggregate import aggregate_runs, differing_keys, protocol  # noqa: E402
 from utils.args import OneLineErrorParser  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.figures import accuracy_heatmap, task_curves  # noqa: E402
+from utils.figures import accuracy_heatmap, method_styles, task_curves  # noqa: E402
 from utils.results import write_atomic  # noqa: E402
 from utils.tables import PaperTable  # noqa: E402
 
@@ -49,6 +53,10 @@ class Group:
     runs: list[dict] = field(default_factory=list)
     label: str = ""
     flags: list[str] = field(default_factory=list)
+    # How the runs' protocol differs from the paper's, as 'ours/paper what' (seeds last).
+    gaps: list[str] = field(default_factory=list)
+    # The protocol matches the paper's but for the seed count, so the ACC compares with it.
+    comparable: bool = True
 
     @cached_property
     def stats(self) -> dict:
@@ -96,17 +104,59 @@ class Table:
                 for d in self.datasets for _, cell in self.columns]
 
 
+@dataclass
+class PaperProtocol:
+    """The protocol behind the paper's numbers (bmkp_paper.json's "protocol")."""
+
+    seeds: int
+    n_epochs: dict[str, int]  # dataset -> epochs per task
+    nf: dict[str, int]  # model -> backbone width, with a "default"
+    buffer_size: int  # of every method that has a buffer
+    batch_size: dict[str, dict[str, int]]  # model -> dataset -> batch, where the paper says
+    retrain_epochs: dict[str, dict[str, int]]  # model -> dataset -> epochs
+
+    def compare(self, g: Group) -> None:
+        """Set the group's gaps to the paper's protocol on its dataset (none off the paper's
+        datasets), and whether its ACC is comparable with the paper's."""
+        if g.dataset not in self.n_epochs:
+            return
+        config = g.protocol
+        paper = {"n_epochs": self.n_epochs[g.dataset],
+                 "retrain_epochs": self.retrain_epochs.get(g.model, {}).get(g.dataset),
+                 "nf": self.nf.get(g.model, self.nf["default"]),
+                 "batch_size": self.batch_size.get(g.model, {}).get(g.dataset),
+                 "buffer_size": self.buffer_size}
+        if config.get("retrain_epochs") == 0:
+            paper["retrain_epochs"] = None  # Table 2's ablation, not a shorter protocol
+        for key, text in PROTOCOL_GAPS.items():
+            ours = config.get(key)
+            if ours is not None and paper[key] is not None and ours != paper[key]:
+                g.gaps.append(text.format(ours=ours, paper=paper[key]))
+        g.comparable = not g.gaps
+        seeds = len(set(g.seeds))
+        if seeds != self.seeds:
+            g.gaps.append(f"{seeds}/{self.seeds} seeds")
+
+
+# Options compared with the paper's protocol, and how a difference reads (ours/paper).
+PROTOCOL_GAPS = {"n_epochs": "{ours}/{paper} epochs",
+                 "retrain_epochs": "{ours}/{paper} retraining epochs",
+                 "nf": "nf {ours}/{paper}", "batch_size": "batch {ours}/{paper}",
+                 "buffer_size": "buffer {ours}/{paper}"}
+
+
 # ---- loading -------------------------------------------------------------------------------
 def load_reference(path: Path) -> dict:
     """The paper's numbers, each table as reference key -> dataset -> entry (Table 3's lambda
-    keys become floats, to match the runs' --lambd values)."""
+    keys become floats, to match the runs' --lambd values), and its protocol."""
     try:
         data = json.loads(path.read_text())
         sweeps: dict[float, dict] = defaultdict(dict)
         for dataset, sweep in data["table3"].items():
             for lam, entry in sweep.items():
                 sweeps[float(lam)][dataset] = entry
-        return {"table1": data["table1"], "table2": data["table2"], "table3": dict(sweeps)}
+        return {"table1": data["table1"], "table2": data["table2"], "table3": dict(sweeps),
+                "protocol": PaperProtocol(**data["protocol"])}
     except FileNotFoundError:
         raise UserError(f"reference file {path} does not exist; pass --reference FILE "
                         f"(the repository's is {REFERENCE})") from None
@@ -229,7 +279,15 @@ def paper_cell(g: Group | None, ref: dict | None) -> str:
 def diff_cell(g: Group | None, ref: dict | None) -> str:
     if g is None or ref is None:
         return "-"
+    if not g.comparable:
+        return "n/a"
     return f"{g.stats['final_acc']['mean'] - ref['mean']:+.2f}"
+
+
+def protocol_cell(g: Group | None, ref: dict | None) -> str:
+    if g is None or ref is None:
+        return "-"
+    return ", ".join(g.gaps) or "paper"
 
 
 def paper_memory_cell(g: Group | None, ref: dict | None) -> str:
@@ -237,7 +295,8 @@ def paper_memory_cell(g: Group | None, ref: dict | None) -> str:
 
 
 COLUMNS: list[tuple[str, Cell]] = [("ACC", acc_cell), ("MB", memory_cell),
-                                   ("paper", paper_cell), ("diff", diff_cell)]
+                                   ("paper", paper_cell), ("diff", diff_cell),
+                                   ("protocol", protocol_cell)]
 
 
 def make_rows(groups: list[Group], variant: Variant) -> list[Row]:
@@ -267,7 +326,12 @@ def method_table_variant(model: str, spec: PaperTable) -> Variant:
 
 def legend(rows: list[Row], most_seeds: int) -> list[str]:
     notes = ["ACC: final Task-IL accuracy (%), mean +- sample std over seeds; MB: memory in MB "
-             "(2^20 bytes), mean over seeds; paper: Sun et al., CVPR 2023; diff: ACC - paper."]
+             "(2^20 bytes), mean over seeds; paper: Sun et al., CVPR 2023; diff: ACC - paper; "
+             "protocol: how the runs differ from the paper's protocol (ours/paper), 'paper' "
+             "where they do not."]
+    if any(not g.comparable for row in rows for g in row.groups.values()):
+        notes.append("diff n/a: the runs' protocol differs from the paper's in more than the "
+                     "seed count, so the gap would measure the protocol, not the method.")
     flags = {f for row in rows for g in row.groups.values() for f in g.flags}
     if FEW in flags:
         notes.append(f"[{FEW}]: fewer distinct seeds than the largest group ({most_seeds}).")
@@ -354,12 +418,13 @@ def draw_curves(groups: list[Group], img_dir: Path, note: Callable[[str], None])
     by_dataset: dict[str, list[Group]] = defaultdict(list)
     for g in groups:
         by_dataset[g.dataset].append(g)
+    styles = method_styles(list(model_classes()), {g.label: g.model for g in groups})
     written = []
     for dataset, members in sorted(by_dataset.items()):
         path = img_dir / f"{dataset}_avg_accuracy.png"
         task_curves({g.label: g.stats["avg_accuracy"] for g in members},
                     f"{dataset}: average Task-IL accuracy on the tasks seen",
-                    "average accuracy (%)", path)
+                    "average accuracy (%)", path, styles)
         written.append(path)
         with_memory = [g for g in members if g.stats["memory_per_task_mb"] is not None]
         lacking = [g.label for g in members if g.stats["memory_per_task_mb"] is None]
@@ -370,7 +435,7 @@ def draw_curves(groups: list[Group], img_dir: Path, note: Callable[[str], None])
         if with_memory:
             path = img_dir / f"{dataset}_memory.png"
             task_curves({g.label: g.stats["memory_per_task_mb"] for g in with_memory},
-                        f"{dataset}: memory after each task", "memory (MB)", path)
+                        f"{dataset}: memory after each task", "memory (MB)", path, styles)
             written.append(path)
     return written
 
@@ -401,6 +466,8 @@ def report(opts: argparse.Namespace, warn: Callable[[str], None],
     """Write the tables and figures; returns a line for each thing written."""
     reference = load_reference(opts.reference)
     groups = group_runs(find_runs(opts.sources, warn))
+    for g in groups:
+        reference["protocol"].compare(g)
     warnings = label_groups(groups) + flag_seeds(groups)
     for w in warnings:
         warn(w)
