@@ -88,13 +88,20 @@ class Lwf(ContinualModel):
             return heads_logits(self.old_net, x, task)
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
+        targets = self.old_targets(x, task) if task > 0 else []
+        return self.optimizer_step(self.lwf_loss(x, y, task, targets, self.args.alpha))
+
+    def lwf_loss(self, x: torch.Tensor, y: torch.Tensor, task: int,
+                 targets: list[torch.Tensor], weight: float) -> torch.Tensor:
+        """The task's cross-entropy plus `weight` times the old heads' distillation towards
+        `targets` (their logits from the frozen copy; none for the first task)."""
         logits = heads_logits(self.net, x, task + 1)
         loss = F.cross_entropy(logits[task], y)
         if task > 0:
             distill = sum(distillation_loss(new, old, self.args.temperature)
-                          for new, old in zip(logits[:task], self.old_targets(x, task)))
-            loss = loss + self.args.alpha * distill
-        return self.optimizer_step(loss)
+                          for new, old in zip(logits[:task], targets))
+            loss = loss + weight * distill
+        return loss
 
     def end_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         self.old_net = None

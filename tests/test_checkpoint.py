@@ -12,11 +12,13 @@ import torch
 from datasets.seq_synthetic import SequentialSynthetic
 from helpers import assert_one_line_error, synthetic_argv
 from models.adam_nscl import AdamNSCL
+from models.clser import Clser
 from models.bmkp.model import BMKP
 from models.derpp import Derpp
 from models.ewc_on import EwcOn
 from models.gpm import GPM
 from models.joint import Joint
+from models.lwm import Lwm
 from models.sgd import Sgd
 from models.si import Si
 from models.wsn import WSN
@@ -37,6 +39,9 @@ CASES = {
     "gpm": (GPM, ("--n_epochs", "1", "--nf", "4", "--gpm_samples", "32")),
     "adam_nscl": (AdamNSCL, ("--n_epochs", "1", "--nf", "4", "--nscl_samples", "32")),
     "wsn": (WSN, ("--n_epochs", "1", "--nf", "4")),
+    "lwm": (Lwm, ("--n_epochs", "1", "--nf", "4")),  # killed while the frozen copy exists
+    "clser": (Clser, ("--n_epochs", "1", "--nf", "4", "--buffer_size", "40",
+                      "--plastic_model_update_freq", "0.5", "--stable_model_update_freq", "0.3")),
 }
 
 
