@@ -39,6 +39,9 @@ class ContinualModel(nn.Module):
     # The backbone width --model_config best gives the method: the network the BMKP paper ran
     # it on (Section 6.1: the standard ResNet-18, nf 64, except GPM, Adam-NSCL and BMKP).
     PAPER_NF: ClassVar[int] = 64
+    # Options that another option of the method sets (e.g. BMKP's --compat official sets the
+    # network's): the report names rows by the setting option alone where that tells them apart.
+    IMPLIED_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {}
     # Why the method needs one BatchNorm set for all tasks (None: per-task BN is fine).
     SHARED_BN_REASON: ClassVar[str | None] = None
     # The method's own tables in the paper's report beyond Table 1 (see utils/tables.py).

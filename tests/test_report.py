@@ -163,6 +163,28 @@ def test_rows_off_the_papers_protocol_are_labelled_and_get_no_diff(tmp_path, cap
     assert "diff n/a: the runs' protocol differs from the paper's" in md
 
 
+@pytest.mark.slow
+def test_rows_are_named_by_the_option_that_sets_the_others(tmp_path, capsys):
+    """BMKP's --compat official sets the network's options: its rows read compat=..., unless
+    only the set options tell two rows apart; runs older than an option count as its default."""
+    folder = tmp_path / "result"
+    official = dict(compat="official", shortcut="none", head_bias=0)
+    write_run(folder, "bmkp", "seq-cifar10", 0, [80.0, 80.0], 18.0, **official)
+    write_run(folder, "bmkp", "seq-cifar10", 0, [90.0, 90.0], 12.0, compat="paper",
+              shortcut="identity", head_bias=1, projection_bn="running", normalize_inputs=0)
+    write_run(folder, "bmkp", "seq-cifar10", 1, [91.0, 91.0], 12.0, compat="paper")  # older
+    run_report(tmp_path, capsys, folder)
+    rows = table_rows((tmp_path / "out" / "table1.md").read_text())
+    assert rows["bmkp [compat=official]"][0] == "80.00 (1 seed) [few]"
+    assert rows["bmkp [compat=paper]"][0] == "90.50 +- 0.71 (2 seeds)"
+    write_run(folder, "bmkp", "seq-cifar10", 0, [70.0, 70.0], 18.0, compat="paper",
+              shortcut="none")
+    run_report(tmp_path, capsys, folder)
+    rows = table_rows((tmp_path / "out" / "table1.md").read_text())
+    assert {"bmkp [compat=paper, head_bias=1, shortcut=none]",
+            "bmkp [compat=paper, head_bias=1, shortcut=identity]"} < set(rows)
+
+
 def test_reference_protocol_matches_the_best_configurations():
     """The protocol the report compares with is the one --model_config best runs."""
     protocol = json.loads(REFERENCE.read_text())["protocol"]

@@ -19,7 +19,9 @@ NON_PROTOCOL_KEYS = RUN_KEYS + ("data_path", "device", "num_threads", "channels_
 # Options added after results were written, with the behaviour of the runs made before them,
 # so such older runs share a protocol with newer ones that use that behaviour.
 OPTIONS_ADDED_LATER = {"shortcut": "identity", "head_bias": 1}
-METHOD_OPTIONS_ADDED_LATER = {"bmkp": {"energy": "sigma2"}}
+METHOD_OPTIONS_ADDED_LATER = {"bmkp": {"energy": "sigma2", "projection_bn": "running"}}
+DATASET_OPTIONS_ADDED_LATER = {"seq-cifar10": {"normalize_inputs": 0},
+                               "seq-cifar100": {"normalize_inputs": 0}}
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -73,7 +75,8 @@ def shared_config(configs: Sequence[dict]) -> dict:
 
 def protocol(config: dict) -> dict:
     """The options that define the experiment (config less NON_PROTOCOL_KEYS)."""
-    earlier = {**OPTIONS_ADDED_LATER, **METHOD_OPTIONS_ADDED_LATER.get(config.get("model"), {})}
+    earlier = {**OPTIONS_ADDED_LATER, **METHOD_OPTIONS_ADDED_LATER.get(config.get("model"), {}),
+               **DATASET_OPTIONS_ADDED_LATER.get(config.get("dataset"), {})}
     return {k: v for k, v in {**earlier, **config}.items() if k not in NON_PROTOCOL_KEYS}
 
 

@@ -207,9 +207,19 @@ def group_runs(runs: list[tuple[Path, dict]]) -> list[Group]:
 # ---- checks --------------------------------------------------------------------------------
 def _details(members: list[Group]) -> list[str]:
     """For groups sharing a table row's variant and a dataset: the options they differ in,
-    as 'key=value, ...' per group ('' for a lone group)."""
-    keys = differing_keys([g.protocol for g in members]) if len(members) > 1 else []
-    return [", ".join(f"{k}={g.protocol.get(k, 'unset')}" for k in keys) for g in members]
+    as 'key=value, ...' per group ('' for a lone group), less those that a differing option
+    sets (the model's IMPLIED_OPTIONS) where the shorter labels still tell the groups apart."""
+    if len(members) == 1:
+        return [""]
+    keys = differing_keys([g.protocol for g in members])
+    model = model_classes().get(members[0].model)
+    implied = {k for key in keys for k in getattr(model, "IMPLIED_OPTIONS", {}).get(key, ())}
+
+    def labels(shown: list[str]) -> list[str]:
+        return [", ".join(f"{k}={g.protocol.get(k, 'unset')}" for k in shown) for g in members]
+
+    short = labels([k for k in keys if k not in implied])
+    return short if len(set(short)) == len(short) else labels(keys)
 
 
 def _with_detail(label: str, detail: str) -> str:

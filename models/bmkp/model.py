@@ -62,6 +62,7 @@ class BMKP(ContinualModel):
     NAME = "bmkp"
     DEFAULTS = {"per_task_bn": 1, "lr_step": 45}
     PAPER_NF = 20  # the reduced ResNet-18 of GPM, as the paper and its code
+    IMPLIED_OPTIONS = {"compat": ("shortcut", "head_bias", "bn_running_stats", "eval_batch_size")}
     PAPER_TABLES = PAPER_TABLES
     # The paper's runs (reference doc, "Hyperparameters of the paper's runs").
     BEST_CONFIGS = {
