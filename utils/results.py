@@ -4,18 +4,41 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Callable
 
+import numpy
 import torch
+import torchvision
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def code_version(repo: Path = REPO) -> dict | None:
+    """The checkout's commit and whether tracked files differ from it (None outside a git
+    checkout, or without git), so a result says which code produced it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
 
 
 def environment(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(),
-            "device": str(device), "num_threads": torch.get_num_threads(),
-            "platform": platform.platform()}
+    """What produced a result: code version, library versions, machine."""
+    info = {"code": code_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "python": platform.python_version(), "device": str(device),
+            "num_threads": torch.get_num_threads(), "platform": platform.platform()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
