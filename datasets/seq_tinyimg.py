@@ -4,7 +4,7 @@ import os
 import zipfile
 from pathlib import Path
 
-from torchvision.datasets.utils import download_and_extract_archive
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 from datasets.continual_dataset import RawSplits, SequentialDataset
 from datasets.sources import download_failure, load_tiny_imagenet
@@ -21,21 +21,23 @@ class SequentialTinyImageNet(SequentialDataset):
     # Tiny-ImageNet's channel statistics, as mammoth and the BMKP reference normalise it.
     INPUT_MEAN_STD = ((0.4802, 0.4480, 0.3975), (0.2770, 0.2691, 0.2821))
     URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+    MD5 = "90528d7ca1a48142e341f4ef8d21d0de"  # of the official archive (248,100,043 bytes)
 
     def load(self, args: argparse.Namespace) -> RawSplits:
         data_path: Path = args.data_path
         root = self._locate(data_path)
         if root is None:
             try:
-                download_and_extract_archive(self.URL, download_root=str(data_path))
+                download_and_extract_archive(self.URL, download_root=str(data_path),
+                                             md5=self.MD5)
             except (OSError, RuntimeError, ValueError, zipfile.BadZipFile) as exc:
                 reason = str(exc) or type(exc).__name__
-                # torchvision reuses any file of the archive's name without a checksum, so a
-                # partial or non-zip download would fail every later run: remove it.
+                # A truncated or corrupt archive would fail every later run: remove it.
                 archive = data_path / os.path.basename(self.URL)
-                if archive.is_file() and not zipfile.is_zipfile(archive):
+                if archive.is_file() and not check_integrity(str(archive), self.MD5):
                     archive.unlink()
-                    reason = f"{archive.name} was not a zip archive ({reason}); it was removed"
+                    reason = (f"{archive.name} was corrupt or truncated (its MD5 is not "
+                              f"{self.MD5}); it was removed, run again to download it anew")
                 layouts = (f"{FOLDER}/ or the folder itself holding wnids.txt, "
                            "train/<wnid>/images/*.JPEG, val/images and val/val_annotations.txt")
                 raise download_failure(self.NAME, data_path, reason, layouts) from None

@@ -328,6 +328,7 @@ def test_tiny_imagenet_downloads_extracts_and_loads(tmp_path, monkeypatch, no_pr
     wnids = _make_tiny_zip(served / "tiny-imagenet-200.zip", tmp_path / "staging")
     data_path = tmp_path / "data"
     data_path.mkdir()
+    monkeypatch.setattr(SequentialTinyImageNet, "MD5", _md5(served / "tiny-imagenet-200.zip"))
     with _http_server(served) as url:
         monkeypatch.setattr(SequentialTinyImageNet, "URL", f"{url}/tiny-imagenet-200.zip")
         ds = SequentialTinyImageNet(dataset_args("seq-tinyimg", data_path))
@@ -352,19 +353,25 @@ def test_tiny_imagenet_downloads_extracts_and_loads(tmp_path, monkeypatch, no_pr
 
 def test_tiny_imagenet_broken_download_is_removed_and_retried(tmp_path, monkeypatch,
                                                              no_proxy):
+    """A truncated archive, or a page that is no archive at all, fails the MD5 check: the
+    error says so, the file is removed, and the next run downloads it again."""
     served = tmp_path / "served"
     served.mkdir()
     archive = served / "tiny-imagenet-200.zip"
-    archive.write_text("<html>a captive portal, not the archive</html>")
+    _make_tiny_zip(archive, tmp_path / "staging")
+    whole = archive.read_bytes()
+    monkeypatch.setattr(SequentialTinyImageNet, "MD5", _md5(archive))
     data_path = tmp_path / "data"
     with _http_server(served) as url:
         monkeypatch.setattr(SequentialTinyImageNet, "URL", f"{url}/tiny-imagenet-200.zip")
-        with pytest.raises(UserError, match="was not a zip archive") as info:
-            SequentialTinyImageNet(dataset_args("seq-tinyimg", data_path))
-        assert "data not found in" in str(info.value)
-        assert not (data_path / "tiny-imagenet-200.zip").exists()
+        for broken in (whole[:len(whole) // 2], b"<html>a captive portal</html>"):
+            archive.write_bytes(broken)
+            with pytest.raises(UserError, match="was corrupt or truncated") as info:
+                SequentialTinyImageNet(dataset_args("seq-tinyimg", data_path))
+            assert "data not found in" in str(info.value) and "it was removed" in str(info.value)
+            assert not (data_path / "tiny-imagenet-200.zip").exists()
 
-        _make_tiny_zip(archive, tmp_path / "staging")  # the next run downloads it again
+        archive.write_bytes(whole)  # the next run downloads it again
         ds = SequentialTinyImageNet(dataset_args("seq-tinyimg", data_path))
     assert len(ds.train_data(0)) == ds.N_CLASSES_PER_TASK
 
