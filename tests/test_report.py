@@ -1,4 +1,5 @@
 """utils/report.py on small result files written here: tables, reference column, flags, figures."""
+import csv
 import itertools
 import json
 
@@ -206,7 +207,27 @@ def test_every_method_gets_its_own_line_style_and_bmkp_stands_out():
     again = method_styles(methods, {"sgd": "sgd", "sgd [lr=0.1]": "sgd", "er": "er"})
     assert again["sgd"] == styles["sgd"] and again["er"] == styles["er"]
     assert again["sgd [lr=0.1]"]["linestyle"] != again["sgd"]["linestyle"]
+    assert again["sgd [lr=0.1]"]["fillstyle"] != again["sgd"]["fillstyle"]
     assert again["sgd [lr=0.1]"]["color"] == again["sgd"]["color"]
+
+
+@pytest.mark.slow
+def test_threshold_table_and_long_csv(tmp_path, capsys, results):
+    for level, acc, mb in [(0.95, 78.0, 20.0), (0.98, 80.0, 30.0)]:
+        write_run(results, "bmkp", "seq-cifar100", 0, [acc, acc], mb, threshold=level)
+    out, _ = run_report(tmp_path, capsys, results)
+    table4 = table_rows((tmp_path / "out" / "table4.md").read_text())
+    assert table4["threshold = 0.95"][:3] == ["78.00 (1 seed) [few]", "20.00", "-"]
+    assert table4["threshold = 0.98"][:3] == ["80.00 (1 seed) [few]", "30.00", "-"]
+    with open(tmp_path / "out" / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * (9 + 2)  # two tasks for each of the 11 runs
+    sgd = [r for r in rows if r["model"] == "sgd" and r["seed"] == "2"]
+    # sgd seed 2: matrix [[59, ...], [58, 78]] (write_run's first row is last_row[0] + 1)
+    assert [(r["task"], r["accuracy_final"], r["accuracy_when_learned"]) for r in sgd] == \
+        [("1", "58.0", "59.0"), ("2", "78.0", "78.0")]
+    assert sgd[0]["memory_mb_after_task"] == "0.75" and sgd[0]["memory_mb"] == "1.5"
+    assert f"wrote {tmp_path / 'out' / 'runs.csv'}" in out
 
 
 def _is_png(path):
@@ -221,7 +242,8 @@ def test_figures_are_written(tmp_path, capsys, results):
     heatmaps = sorted((img / "runs").iterdir())
     assert len(heatmaps) == 10 and all(_is_png(p) for p in heatmaps)
     assert "wrote 10 accuracy-matrix heatmaps (one per run)" in out
-    for name in ("seq-cifar10_avg_accuracy", "seq-cifar10_memory", "seq-cifar100_avg_accuracy"):
+    for name in ("seq-cifar10_avg_accuracy", "seq-cifar10_memory", "seq-cifar100_avg_accuracy",
+                 "seq-cifar10_acc_vs_memory", "seq-cifar100_acc_vs_memory"):
         assert _is_png(img / f"{name}.png"), name
         assert f"wrote {img / name}.png" in out
     assert not (img / "seq-cifar100_memory.png").exists()

@@ -19,22 +19,25 @@ PALETTE = [colormaps["tab20"](i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
 # Seven markers against twenty colours: two methods share a (colour, marker) pair only after
 # 140 methods.
 MARKERS = "os^DvPX"
-LINESTYLES = ("-", "--", ":", "-.")  # for a method's several rows (protocols)
+# A method's several rows (protocols): line styles, and marker fills for points without lines.
+LINESTYLES = ("-", "--", ":", "-.")
+FILLSTYLES = ("full", "none", "left", "bottom")
 HIGHLIGHTED = "bmkp"  # the framework's headline method, drawn to stand out
 
 
 def method_styles(methods: Sequence[str], rows: dict[str, str]) -> dict[str, dict]:
     """Line styles by row label (`rows`: label -> method): the colour and marker of the
     method's place in `methods` (methods not listed follow, in order of appearance), so a
-    method keeps them in every figure drawn from the same list, and a line style per row of
-    the same method; BMKP in black, thicker and on top."""
+    method keeps them in every figure drawn from the same list, and a line style and marker
+    fill per row of the same method; BMKP in black, thicker and on top."""
     order = [*methods, *(m for m in dict.fromkeys(rows.values()) if m not in methods)]
     styles, variants = {}, {}
     for label, method in rows.items():
         index = order.index(method)
         variant = variants[method] = variants.get(method, -1) + 1
         style = {"color": PALETTE[index % len(PALETTE)], "marker": MARKERS[index % len(MARKERS)],
-                 "linestyle": LINESTYLES[variant % len(LINESTYLES)], "linewidth": 1.4}
+                 "linestyle": LINESTYLES[variant % len(LINESTYLES)],
+                 "fillstyle": FILLSTYLES[variant % len(FILLSTYLES)], "linewidth": 1.4}
         if method == HIGHLIGHTED:
             style.update(color="black", marker="*", markersize=10, linewidth=2.6, zorder=5)
         styles[label] = style
@@ -87,6 +90,28 @@ def task_curves(series: dict[str, dict[str, list[float]]], title: str, ylabel: s
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("tasks learned")
     ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    _save(fig, path)
+
+
+def accuracy_memory(points: dict[str, tuple[float, float, float]], title: str, path: Path,
+                    styles: dict[str, dict] | None = None) -> None:
+    """The paper's Figure 3: one point per label at (memory in MB, ACC), with the ACC's std as
+    an error bar, in the label's style; a log memory axis when the memories span a decade."""
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    for label, (memory, acc, std) in points.items():
+        style = {k: v for k, v in (styles or {}).get(label, {}).items()
+                 if k in ("color", "marker", "fillstyle", "zorder")}
+        ax.errorbar([memory], [acc], yerr=[std] if std else None, label=label, linestyle="none",
+                    markersize=12 if style.get("marker") == "*" else 7, capsize=3, **style)
+    memories = [m for m, _, _ in points.values()]
+    if min(memories) > 0 and max(memories) / min(memories) >= 10:
+        ax.set_xscale("log")
+    ax.set_xlabel("memory after the last task (MB)")
+    ax.set_ylabel("final average accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)

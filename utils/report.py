@@ -18,6 +18,7 @@ method.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from collections import defaultdict
@@ -32,7 +33,8 @@ from models import model_classes  # noqa: E402
 from utils.aggregate import aggregate_runs, differing_keys, protocol  # noqa: E402
 from utils.args import OneLineErrorParser  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.figures import accuracy_heatmap, method_styles, task_curves  # noqa: E402
+from utils.figures import (accuracy_heatmap, accuracy_memory, method_styles,  # noqa: E402
+                           task_curves)
 from utils.results import write_atomic  # noqa: E402
 from utils.tables import PaperTable  # noqa: E402
 
@@ -147,15 +149,21 @@ PROTOCOL_GAPS = {"n_epochs": "{ours}/{paper} epochs",
 
 # ---- loading -------------------------------------------------------------------------------
 def load_reference(path: Path) -> dict:
-    """The paper's numbers, each table as reference key -> dataset -> entry (Table 3's lambda
-    keys become floats, to match the runs' --lambd values), and its protocol."""
+    """The paper's numbers, each table as reference key -> dataset -> entry (the swept values
+    of Tables 3 and 4 become floats, to match the runs' --lambd and --threshold), and its
+    protocol."""
+    def by_value(table: dict) -> dict[float, dict]:
+        """dataset -> swept value -> entry, as swept value (a float) -> dataset -> entry."""
+        sweeps: dict[float, dict] = defaultdict(dict)
+        for dataset, sweep in table.items():
+            for value, entry in sweep.items():
+                sweeps[float(value)][dataset] = entry
+        return dict(sweeps)
+
     try:
         data = json.loads(path.read_text())
-        sweeps: dict[float, dict] = defaultdict(dict)
-        for dataset, sweep in data["table3"].items():
-            for lam, entry in sweep.items():
-                sweeps[float(lam)][dataset] = entry
-        return {"table1": data["table1"], "table2": data["table2"], "table3": dict(sweeps),
+        return {"table1": data["table1"], "table2": data["table2"],
+                "table3": by_value(data["table3"]), "table4": by_value(data["table4"]),
                 "protocol": PaperProtocol(**data["protocol"])}
     except FileNotFoundError:
         raise UserError(f"reference file {path} does not exist; pass --reference FILE "
@@ -411,6 +419,40 @@ def to_latex(t: Table) -> str:
     return "\n".join(lines + [r"\end{table}"]) + "\n"
 
 
+# ---- long-format CSV -------------------------------------------------------------------------
+CSV_COLUMNS = ("model", "dataset", "row", "seed", "file", "task", "accuracy_final",
+               "accuracy_when_learned", "avg_accuracy_after_task", "memory_mb_after_task",
+               "final_acc", "bwt", "memory_mb")
+
+
+def csv_rows(groups: list[Group]) -> list[dict]:
+    """One row per run and task, for people who plot in their own tools: the task's final
+    accuracy and its accuracy right after it was learned, the average accuracy and memory
+    after it, and the run's summary (repeated on each of its rows)."""
+    rows = []
+    for g in groups:
+        for path, run in zip(g.paths, g.runs):
+            matrix, memory = run["accuracy_matrix"], run.get("memory_per_task_mb")
+            for task in range(len(matrix)):
+                rows.append({
+                    "model": g.model, "dataset": g.dataset, "row": g.label, "seed": run["seed"],
+                    "file": str(path), "task": task + 1,
+                    "accuracy_final": matrix[-1][task], "accuracy_when_learned": matrix[task][task],
+                    "avg_accuracy_after_task": run["avg_accuracy"][task],
+                    "memory_mb_after_task": None if memory is None else memory[task],
+                    "final_acc": run["final_acc"], "bwt": run["bwt"],
+                    "memory_mb": run["memory"]["total_mb"]})
+    return rows
+
+
+def to_csv(rows: list[dict]) -> Callable:
+    def write(f) -> None:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return write
+
+
 # ---- figures --------------------------------------------------------------------------------
 def draw_heatmaps(groups: list[Group], folder: Path) -> int:
     """One accuracy-matrix heatmap per run; returns how many were written."""
@@ -424,7 +466,8 @@ def draw_heatmaps(groups: list[Group], folder: Path) -> int:
 
 def draw_curves(groups: list[Group], img_dir: Path, note: Callable[[str], None]) -> list[Path]:
     """Per dataset, average accuracy and memory after each task (means over seeds, one line
-    per table-1 row); returns the figures written."""
+    per table-1 row), and final accuracy against memory (a point per row); returns the figures
+    written."""
     by_dataset: dict[str, list[Group]] = defaultdict(list)
     for g in groups:
         by_dataset[g.dataset].append(g)
@@ -447,6 +490,13 @@ def draw_curves(groups: list[Group], img_dir: Path, note: Callable[[str], None])
             task_curves({g.label: g.stats["memory_per_task_mb"] for g in with_memory},
                         f"{dataset}: memory after each task", "memory (MB)", path, styles)
             written.append(path)
+        path = img_dir / f"{dataset}_acc_vs_memory.png"
+        accuracy_memory({g.label: (g.stats["memory_total_mb"]["mean"],
+                                   g.stats["final_acc"]["mean"], g.stats["final_acc"]["std"])
+                         for g in members},
+                        f"{dataset}: accuracy against memory (the paper's Figure 3)", path,
+                        styles)
+        written.append(path)
     return written
 
 
@@ -486,6 +536,8 @@ def report(opts: argparse.Namespace, warn: Callable[[str], None],
         for suffix, render in ((".md", to_markdown), (".tex", to_latex)):
             written.append(opts.out / f"{t.name}{suffix}")
             write_text(written[-1], render(t))
+    written.append(opts.out / "runs.csv")
+    write_atomic(written[-1], to_csv(csv_rows(groups)))
     written += draw_curves(groups, opts.img_dir, note)
     heatmaps = opts.img_dir / "runs"
     count = draw_heatmaps(groups, heatmaps)

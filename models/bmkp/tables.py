@@ -1,4 +1,5 @@
-"""The BMKP paper's Tables 2 (ablation) and 3 (lambda) as report tables (utils/tables.py)."""
+"""The BMKP paper's Tables 2 (ablation), 3 (lambda) and 4 (retained-energy threshold) as report
+tables (utils/tables.py)."""
 from __future__ import annotations
 
 from utils.tables import PaperTable, RowKey
@@ -26,11 +27,22 @@ def lambda_row(protocol: dict) -> RowKey | None:
     return lam, f"lambda = {lam:g}", lam
 
 
+def threshold_row(protocol: dict) -> RowKey | None:
+    """Full BMKP runs by the later tasks' retained-energy threshold (--threshold)."""
+    if any(_ablation(protocol)) or "threshold" not in protocol:
+        return None
+    level = float(protocol["threshold"])
+    return level, f"threshold = {level:g}", level
+
+
 PAPER_TABLES = (
     PaperTable("table2", "Table 2: BMKP ablation", "BMKP", ablation_row,
                shown=lambda keys: any(k != ABLATIONS[False, False][0]
                                       for ks in keys.values() for k in ks)),
     PaperTable("table3", "Table 3: BMKP, effect of lambda", "lambda", lambda_row,
                shown=lambda keys: any(len(ks) > 1 for ks in keys.values()),
+               paper_memory_column=True),
+    PaperTable("table4", "Table 4: BMKP, effect of the retained-energy threshold", "threshold",
+               threshold_row, shown=lambda keys: any(len(ks) > 1 for ks in keys.values()),
                paper_memory_column=True),
 )
