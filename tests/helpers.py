@@ -16,7 +16,7 @@ from utils.args import parse_args
 from utils.context import TrainingContext
 from utils.main import main
 from utils.metrics import summarize
-from utils.results import epoch_log_path
+from utils.results import epoch_log_path, text_log_path
 from utils.setup import build
 
 CPU = torch.device("cpu")
@@ -108,10 +108,10 @@ def run_synthetic(tmp_path: Path, capsys, *extra: str, model: str = "sgd") -> tu
     out, err = capsys.readouterr()
     files = list(results_dir.rglob("*"))
     written = sorted((f for f in files if f.is_file()), key=lambda f: f.suffix)
-    # the result and its epoch log, no temporary file left over
-    assert [f.suffix for f in written] == [".json", ".jsonl"], files
+    # the result, its epoch log and its text log, no temporary file left over
+    assert [f.suffix for f in written] == [".json", ".jsonl", ".log"], files
     path = written[0]
-    assert written[1] == epoch_log_path(path)
+    assert written[1] == epoch_log_path(path) and written[2] == text_log_path(path)
     assert path.parent == results_dir / "seq-synthetic" / model
     assert path.suffix == ".json" and path.stem.endswith("-seed" + str(seed_of(extra)))
     assert str(path) in out and err == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import types
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from helpers import (assert_one_line_error, check_result, network_bytes, run_syn
 from models.sgd import Sgd
 from utils.main import main
 from utils.metrics import summarize
-from utils.results import epoch_log_path, write_json_atomic
+from utils.results import epoch_log_path, text_log_path, write_json_atomic
 from utils.setup import set_deterministic
 
 N_TASKS = SequentialSynthetic.N_TASKS
@@ -89,6 +90,19 @@ def test_every_epoch_is_logged_beside_the_result(tmp_path, capsys):
     assert lines[0]["images_per_s"] == pytest.approx(images / lines[0]["seconds"], rel=0.01)
 
 
+def test_every_run_keeps_a_timestamped_text_log_also_under_quiet(tmp_path, capsys):
+    result, path = run_synthetic(tmp_path, capsys, "--n_epochs", "1")  # --quiet
+    lines = text_log_path(path).read_text().splitlines()
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+    assert all(re.match(stamp, line) for line in lines)
+    assert "options: model=sgd" in lines[0]
+    assert [line.split(": avg acc")[0][24:] for line in lines[1:-1]] == [
+        f"task {t}/{N_TASKS}" for t in range(1, N_TASKS + 1)]
+    assert lines[-1].endswith(f"final Task-IL ACC {result['final_acc']:.2f}  BWT "
+                              f"{result['bwt']:.2f}  memory {result['memory']['total_mb']:.2f}"
+                              f" MB  time {result['total_time_s']:.1f}s -> {path}")
+
+
 def _files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
 
@@ -105,9 +119,11 @@ def test_interrupt_during_training_writes_nothing(tmp_path, capsys, monkeypatch)
     assert main(synthetic_argv(tmp_path / "results")) == 130
     assert reached == [0, 1, 2]
     assert "interrupted: no result was written" in capsys.readouterr().err
-    (log,) = _files(tmp_path / "results")  # only the epoch log: how far the run got
+    # only the logs: how far the run got
+    log, text = sorted(_files(tmp_path / "results"), key=lambda p: p.suffix)
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert log.name.endswith(".epochs.jsonl") and [x["task"] for x in lines] == [0, 0, 1, 1, 2, 2]
+    assert text.suffix == ".log" and "options: model=sgd" in text.read_text()
 
 
 def _dump_half_then(exc: BaseException):
@@ -122,8 +138,8 @@ def test_interrupt_while_writing_the_result_leaves_no_file(tmp_path, capsys, mon
     monkeypatch.setattr(results, "json", _dump_half_then(KeyboardInterrupt()))
     assert main(synthetic_argv(tmp_path / "results")) == 130
     assert "interrupted" in capsys.readouterr().err
-    # neither a partial JSON nor a .tmp; the epoch log stays
-    assert [p.suffix for p in _files(tmp_path / "results")] == [".jsonl"]
+    # neither a partial JSON nor a .tmp; the logs stay
+    assert sorted(p.suffix for p in _files(tmp_path / "results")) == [".jsonl", ".log"]
 
 
 @pytest.mark.parametrize("exc", [OSError("disk full"), KeyboardInterrupt()],
@@ -143,7 +159,7 @@ def test_a_diverged_run_stops_with_a_clear_error(tmp_path, capsys):
     """A NaN loss ends the run with one line naming the fix, and no result is written."""
     argv = synthetic_argv(tmp_path / "results", "--lr", "1e30", "--n_epochs", "1")
     assert_one_line_error(capsys, main, argv, "training diverged", "lower --lr")
-    assert not (tmp_path / "results").exists()
+    assert [p.suffix for p in _files(tmp_path / "results")] == [".log"]  # no result
 
 
 def test_results_get_the_usual_file_permissions(tmp_path):

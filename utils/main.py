@@ -11,14 +11,17 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from models.continual_model import ContinualModel  # noqa: E402
 from utils.aggregate import aggregate_runs, shared_config  # noqa: E402
 from utils.args import parse_args  # noqa: E402
 from utils.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.results import (aggregate_path, environment, epoch_log_path,  # noqa: E402
-                           result_path, write_json_atomic)
+                           result_path, run_log, text_log_path, write_json_atomic)
 from utils.context import TrainingContext  # noqa: E402
 from utils.setup import (build, resolve_device, seed_everything, set_deterministic,  # noqa: E402
                          set_threads)
@@ -27,8 +30,9 @@ from utils.training import BUDGET_EXIT, BudgetReached, run_tasks  # noqa: E402
 
 def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
     """Build dataset and model from the options, learn all tasks (logging every epoch to
-    <result>.epochs.jsonl as it goes), write the result JSON, then let the method export
-    what it keeps (e.g. BMKP's --save_memory)."""
+    <result>.epochs.jsonl and every line `log` shows, timestamped, to <result>.log as it
+    goes), write the result JSON, then let the method export what it keeps (e.g. BMKP's
+    --save_memory)."""
     set_threads(args.num_threads)
     set_deterministic(bool(args.deterministic))
     device = resolve_device(args.device)
@@ -37,18 +41,37 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
     show_progress = not args.quiet and sys.stderr.isatty()
     ctx = TrainingContext.from_args(args, device, show_progress)
     started, progress, after_task = datetime.now(timezone.utc).isoformat(), None, None
-    if args.checkpoint_dir is not None:
-        checkpoint = checkpoint_path(args)
-        if args.resume:
-            progress, started = load_checkpoint(checkpoint, args, model, ctx)
-            log(f"resuming from {checkpoint} at task {progress.next_task + 1}")
-        after_task = partial(save_checkpoint, checkpoint, args, model, ctx, started_at=started)
+    checkpoint = None if args.checkpoint_dir is None else checkpoint_path(args)
+    if checkpoint is not None and args.resume:
+        progress, started = load_checkpoint(checkpoint, args, model, ctx)
     path = result_path(args.results_dir, args.dataset, args.model, args.seed, started)
     ctx.epoch_log = epoch_log_path(path)
-    metrics = run_tasks(model, dataset, ctx, log=log, progress=progress, after_task=after_task,
-                        budget_s=args.budget_s)
+    with run_log(text_log_path(path)) as logger:
+        def log_both(line: str) -> None:
+            logger.info(line)
+            log(line)
+
+        logger.info("options: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+        if checkpoint is not None:
+            if progress is not None:
+                log_both(f"resuming from {checkpoint} at task {progress.next_task + 1}")
+            after_task = partial(save_checkpoint, checkpoint, args, model, ctx,
+                                 started_at=started)
+        metrics = run_tasks(model, dataset, ctx, log=log_both, progress=progress,
+                            after_task=after_task, budget_s=args.budget_s)
+        result = result_json(args, started, metrics, model, device)
+        write_json_atomic(result, path)
+        logger.info(run_summary(result, path))
+    model.export()
+    return result, path
+
+
+def result_json(args: argparse.Namespace, started: str, metrics: dict, model: ContinualModel,
+                device: torch.device) -> dict:
+    """The run's result: who ran what, the metrics, the memory by part, the method's own
+    details, the options and the environment."""
     breakdown = model.memory_breakdown()
-    result = {
+    return {
         "model": args.model, "dataset": args.dataset, "seed": args.seed,
         "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(),
         **metrics,
@@ -58,9 +81,6 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
         "method": model.result_details(),
         "config": vars(args), "environment": environment(device),
     }
-    write_json_atomic(result, path)
-    model.export()
-    return result, path
 
 
 def seeds_to_run(args: argparse.Namespace) -> list[int] | None:

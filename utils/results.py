@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Iterator
 
 import numpy
 import torch
@@ -88,6 +90,29 @@ def result_path(results_dir: Path, dataset: str, model: str, seed: int,
 def epoch_log_path(result: Path) -> Path:
     """The run's per-epoch log, beside its result: <stem>.epochs.jsonl."""
     return result.with_suffix(".epochs.jsonl")
+
+
+def text_log_path(result: Path) -> Path:
+    """The run's text log, beside its result: <stem>.log."""
+    return result.with_suffix(".log")
+
+
+@contextmanager
+def run_log(path: Path) -> Iterator[logging.Logger]:
+    """A logger appending timestamped lines to `path` (a resumed run continues its log),
+    written as they come, so a run that is killed still shows what it printed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger(f"run.{path}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+    try:
+        yield logger
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def aggregate_path(results_dir: Path, dataset: str, model: str) -> Path:
