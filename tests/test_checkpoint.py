@@ -19,6 +19,7 @@ from models.ewc_on import EwcOn
 from models.gpm import GPM
 from models.joint import Joint
 from models.lwm import Lwm
+from models.pass_ import Pass
 from models.sgd import Sgd
 from models.si import Si
 from models.wsn import WSN
@@ -40,6 +41,7 @@ CASES = {
     "adam_nscl": (AdamNSCL, ("--n_epochs", "1", "--nf", "4", "--nscl_samples", "32")),
     "wsn": (WSN, ("--n_epochs", "1", "--nf", "4")),
     "lwm": (Lwm, ("--n_epochs", "1", "--nf", "4")),  # killed while the frozen copy exists
+    "pass": (Pass, ("--n_epochs", "1", "--nf", "4")),  # killed while the frozen copy exists
     "clser": (Clser, ("--n_epochs", "1", "--nf", "4", "--buffer_size", "40",
                       "--plastic_model_update_freq", "0.5", "--stable_model_update_freq", "0.3")),
 }
