@@ -13,6 +13,7 @@ from datasets.seq_synthetic import SequentialSynthetic
 from helpers import assert_one_line_error, synthetic_argv
 from models.adam_nscl import AdamNSCL
 from models.clser import Clser
+from models.dgr import Dgr
 from models.bmkp.model import BMKP
 from models.derpp import Derpp
 from models.ewc_on import EwcOn
@@ -41,6 +42,7 @@ CASES = {
     "adam_nscl": (AdamNSCL, ("--n_epochs", "1", "--nf", "4", "--nscl_samples", "32")),
     "wsn": (WSN, ("--n_epochs", "1", "--nf", "4")),
     "lwm": (Lwm, ("--n_epochs", "1", "--nf", "4")),  # killed while the frozen copy exists
+    "dgr": (Dgr, ("--n_epochs", "1", "--nf", "4", "--gen_nf", "4", "--latent_dim", "8")),
     "pass": (Pass, ("--n_epochs", "1", "--nf", "4")),  # killed while the frozen copy exists
     "clser": (Clser, ("--n_epochs", "1", "--nf", "4", "--buffer_size", "40",
                       "--plastic_model_update_freq", "0.5", "--stable_model_update_freq", "0.3")),

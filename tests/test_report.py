@@ -255,7 +255,7 @@ def test_reference_file_holds_the_papers_tables():
     ref = json.loads(REFERENCE.read_text())
     assert ref["table1"]["bmkp"]["seq-tinyimg"] == {"mean": 70.36, "std": 0.2}
     assert ref["table1"]["ewc_on"]["seq-cifar100"] == {"mean": 38.40, "std": 1.9}
-    assert "seq-tinyimg" not in ref["table1"]["DGR"] and "sgd" not in ref["table1"]
+    assert "seq-tinyimg" not in ref["table1"]["dgr"] and "sgd" not in ref["table1"]
     assert ref["table2"]["no_basis_update"]["seq-tinyimg"]["mean"] == 28.27
     assert ref["table3"]["seq-tinyimg"]["1000"] == {"mean": 47.97, "std": None,
                                                     "memory_mb": 24.78}
