@@ -107,3 +107,75 @@ class ReservoirBuffer:
         self.x, self.y, self.t = like(x), like(y), like(t)
         # Logits are kept in float32 whatever precision (e.g. bfloat16 autocast) produced them.
         self.logits = None if logits is None else like(logits, torch.float32)
+
+
+class RingBuffer(ReservoirBuffer):
+    """An equal share of the slots per task, each share holding the last items its task
+    offered: mammoth's ring buffer (aimagelab/mammoth, utils/ring_buffer.py), which HAL uses.
+
+    With `share = capacity // n_tasks`, task k's n-th item (0-based, counted from the task's
+    first) goes to slot k * share + n % share, so a task that offered at least `share` items
+    fills its share with the last `share` of them, and no task ever overwrites another's.
+    Only n_tasks * share slots are allocated (mammoth's leftover capacity % n_tasks slots are
+    never written). `seen` counts the items offered during the current task; `next_task`
+    moves on to the next share. Sampling draws uniformly from every filled slot.
+    """
+
+    def __init__(self, capacity: int, n_tasks: int, channels_last: bool = False,
+                 generator: torch.Generator | None = None) -> None:
+        if capacity < n_tasks:
+            raise ValueError(f"a ring buffer of {capacity} slots cannot give {n_tasks} tasks "
+                             "a slot each")
+        self.share = capacity // n_tasks
+        super().__init__(self.share * n_tasks, channels_last, generator)
+        self.n_tasks = n_tasks
+        self.task = 0
+        # Slots filled in each task's share (a task offering fewer than `share` items leaves
+        # the rest of its share empty).
+        self.filled = [0] * n_tasks
+
+    def __len__(self) -> int:
+        return sum(self.filled)
+
+    def next_task(self) -> None:
+        """The current task is over: later items go to the next task's share."""
+        self.task += 1
+        self.seen = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
+            logits: torch.Tensor | None = None) -> None:
+        """Offer a batch of the current task's uint8 images with labels, task ids and logits."""
+        if self.task >= self.n_tasks:
+            raise RuntimeError(f"the ring buffer has a share for {self.n_tasks} tasks only")
+        if self.x is None:
+            self._allocate(x, y, t, logits)
+        n = len(x)
+        # Of a batch longer than the share, only its last `share` items survive (as if added
+        # one by one); those land in distinct slots.
+        src = torch.arange(max(0, n - self.share), n, device=x.device)
+        dest = (self.task * self.share + (self.seen + src) % self.share).to(self.x.device)
+        self.x[dest] = x[src]
+        self.y[dest] = y[src]
+        self.t[dest] = t[src]
+        if self.logits is not None:
+            self.logits[dest] = logits[src].to(self.logits.dtype)
+        self.seen += n
+        self.filled[self.task] = min(self.seen, self.share)
+
+    def slots(self) -> torch.Tensor:
+        """The filled slots, in order."""
+        return torch.cat([torch.arange(k * self.share, k * self.share + n)
+                          for k, n in enumerate(self.filled)])
+
+    def sample(self, n: int, augment: bool = True) -> ReplaySample:
+        """Up to n distinct filled slots, as a training batch: float, augmented, same layout."""
+        slots = self.slots()
+        chosen = torch.randperm(len(slots), generator=self.generator)[:min(n, len(slots))]
+        return self.gather(slots[chosen], augment)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "task": self.task, "filled": list(self.filled)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.task, self.filled = state["task"], list(state["filled"])
