@@ -17,6 +17,7 @@ from models.dgr import Dgr
 from models.bmkp.model import BMKP
 from models.derpp import Derpp
 from models.ewc_on import EwcOn
+from models.fas import Fas
 from models.hal import Hal
 from models.gpm import GPM
 from models.joint import Joint
@@ -45,6 +46,7 @@ CASES = {
     "lwm": (Lwm, ("--n_epochs", "1", "--nf", "4")),  # killed while the frozen copy exists
     "hal": (Hal, ("--n_epochs", "1", "--nf", "4", "--buffer_size", "20",
                   "--steps_on_anchors", "3")),
+    "fas": (Fas, ("--n_epochs", "1", "--nf", "4")),
     "dgr": (Dgr, ("--n_epochs", "1", "--nf", "4", "--gen_nf", "4", "--latent_dim", "8")),
     "pass": (Pass, ("--n_epochs", "1", "--nf", "4")),  # killed while the frozen copy exists
     "clser": (Clser, ("--n_epochs", "1", "--nf", "4", "--buffer_size", "40",
