@@ -13,6 +13,7 @@ from datasets.seq_synthetic import SequentialSynthetic
 from helpers import assert_one_line_error, synthetic_argv
 from models.adam_nscl import AdamNSCL
 from models.clser import Clser
+from models.deep_inversion import DeepInversion
 from models.dgr import Dgr
 from models.bmkp.model import BMKP
 from models.derpp import Derpp
@@ -47,6 +48,9 @@ CASES = {
     "hal": (Hal, ("--n_epochs", "1", "--nf", "4", "--buffer_size", "20",
                   "--steps_on_anchors", "3")),
     "fas": (Fas, ("--n_epochs", "1", "--nf", "4")),
+    "deep_inversion": (DeepInversion, ("--n_epochs", "1", "--nf", "4", "--synthetic_per_task", "8",
+                                       "--synthesis_batch_size", "4", "--synthesis_iterations",
+                                       "3", "--competition_weight", "0.5")),
     "dgr": (Dgr, ("--n_epochs", "1", "--nf", "4", "--gen_nf", "4", "--latent_dim", "8")),
     "pass": (Pass, ("--n_epochs", "1", "--nf", "4")),  # killed while the frozen copy exists
     "clser": (Clser, ("--n_epochs", "1", "--nf", "4", "--buffer_size", "40",
