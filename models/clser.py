@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset
-from models.replay import ReplayModel
+from models.replay import ReplayModel, with_replay
 from utils.buffer import ReplaySample
 from utils.sizes import network_bytes
 from utils.validators import fraction, non_negative_float
@@ -161,9 +161,7 @@ class Clser(ReplayModel):
             loss = F.cross_entropy(self.net(x, task), y)
         else:
             regulariser = self.args.reg_weight * self.replay_consistency(past)
-            inputs = torch.cat((x, past.x))
-            labels = torch.cat((y, past.y))
-            tasks = torch.cat((self.task_ids(task, y), past.t))
+            inputs, labels, tasks = with_replay(x, y, task, past)
             loss = F.cross_entropy(self.net(inputs, tasks), labels) + regulariser
         loss = self.optimizer_step(loss)
         self.store(raw, y, task)

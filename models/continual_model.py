@@ -7,6 +7,7 @@ a method that owns its whole per-task procedure (e.g. BMKP) overrides fit_task.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from typing import Callable, ClassVar
 
@@ -30,6 +31,12 @@ def check_finite(loss: torch.Tensor | None, where: str) -> None:
                         "or the method's regularisation weight")
 
 
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` that neither trains nor moves its BatchNorm statistics (a teacher
+    such as LwF's old network); name its attribute in FROZEN_COPIES to keep it in eval mode."""
+    return copy.deepcopy(module).eval().requires_grad_(False)
+
+
 class ContinualModel(nn.Module):
     NAME: ClassVar[str] = ""
     # Overrides of the common option defaults (e.g. the backbone width) for this method.
@@ -46,6 +53,8 @@ class ContinualModel(nn.Module):
     SHARED_BN_REASON: ClassVar[str | None] = None
     # The method's own tables in the paper's report beyond Table 1 (see utils/tables.py).
     PAPER_TABLES: ClassVar[tuple[PaperTable, ...]] = ()
+    # Attributes that hold frozen copies (frozen_copy): train() keeps them in eval mode.
+    FROZEN_COPIES: ClassVar[tuple[str, ...]] = ()
     # Training epochs are split into batches of equal size (no remainder batch); a method
     # reproducing a reference loader's remainder batch turns this off.
     equal_batches: bool = True
@@ -72,6 +81,15 @@ class ContinualModel(nn.Module):
 
     def forward(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
         return self.net(x, task)
+
+    def train(self, mode: bool = True) -> ContinualModel:
+        """Switch modes, keeping the frozen copies (FROZEN_COPIES) in eval mode."""
+        super().train(mode)
+        for name in self.FROZEN_COPIES:
+            frozen = getattr(self, name, None)
+            if frozen is not None:
+                frozen.eval()
+        return self
 
     def predict(self, x: torch.Tensor, task: int) -> torch.Tensor:
         return self(x, task).argmax(1)

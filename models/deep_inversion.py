@@ -100,6 +100,7 @@ from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData, to_model_input
 from models.continual_model import ContinualModel
 from models.lwf import distillation_loss
+from models.replay import with_replay
 from utils.buffer import ReservoirBuffer
 from utils.context import TrainingContext
 from utils.errors import UserError
@@ -297,8 +298,8 @@ class DeepInversion(ContinualModel):
         if not len(self.synthetic):
             return self.optimizer_step(F.cross_entropy(self.net(x, task), y))
         past = self.synthetic.sample(self.minibatch_size, augment=False)
-        tasks = torch.cat((torch.full_like(y, task), past.t))
-        logits = self.net(torch.cat((x, past.x)), tasks)
+        inputs, _, tasks = with_replay(x, y, task, past)
+        logits = self.net(inputs, tasks)
         n = len(y)
         distill = distillation_loss(logits[n:].float(), past.logits, self.args.temperature)
         return self.optimizer_step(F.cross_entropy(logits[:n], y) + self.args.alpha * distill)

@@ -3,7 +3,7 @@ current batch together with a batch drawn from a reservoir buffer of past sample
 import torch
 import torch.nn.functional as F
 
-from models.replay import ReplayModel
+from models.replay import ReplayModel, with_replay
 
 
 class Er(ReplayModel):
@@ -19,13 +19,7 @@ class Er(ReplayModel):
                 raw: torch.Tensor) -> torch.Tensor:
         """One step on the batch and a replayed batch as one mixed-task batch: every sample
         is classified by its own task's head."""
-        t = self.task_ids(task, y)
-        past = self.replay()
-        if past is None:
-            inputs, labels, tasks = x, y, t
-        else:
-            inputs = torch.cat((x, past.x))
-            labels, tasks = torch.cat((y, past.y)), torch.cat((t, past.t))
+        inputs, labels, tasks = with_replay(x, y, task, self.replay())
         loss = self.optimizer_step(F.cross_entropy(self.net(inputs, tasks), labels))
         self.store(raw, y, task)
         return loss

@@ -55,7 +55,7 @@ from torch.func import functional_call, vmap
 
 from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
-from models.replay import ReplayModel
+from models.replay import ReplayModel, with_replay
 from utils.buffer import RingBuffer
 from utils.context import TrainingContext
 from utils.errors import UserError
@@ -216,13 +216,7 @@ class Hal(ReplayModel):
                 raw: torch.Tensor) -> torch.Tensor:
         """Replay step, with the anchors' preservation once there are anchors (module
         docstring); then phi's update and the batch offered to the buffer."""
-        t = self.task_ids(task, y)
-        past = self.replay()
-        if past is None:
-            inputs, labels, tasks = x, y, t
-        else:
-            inputs = torch.cat((x, past.x))
-            labels, tasks = torch.cat((y, past.y)), torch.cat((t, past.t))
+        inputs, labels, tasks = with_replay(x, y, task, self.replay())
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.net(inputs, tasks), labels)
         loss.backward()

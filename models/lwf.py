@@ -20,14 +20,13 @@ another task's statistics and update old tasks' running statistics) is refused.
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 import torch.nn.functional as F
 
 from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
-from models.continual_model import ContinualModel
+from models.continual_model import ContinualModel, frozen_copy
 from utils.context import TrainingContext
 from utils.validators import non_negative_float, positive_float
 
@@ -49,6 +48,7 @@ def distillation_loss(logits: torch.Tensor, targets: torch.Tensor,
 class Lwf(ContinualModel):
     NAME = "lwf"
     SHARED_BN_REASON = "distils every old head from the same features"
+    FROZEN_COPIES = ("old_net",)
     # mammoth's published best arguments for Task-/Class-IL without a buffer
     # (aimagelab/mammoth, utils/best_args.py, best_args[dataset]['lwf'][-1]; its softmax_temp
     # is --temperature here).
@@ -73,14 +73,7 @@ class Lwf(ContinualModel):
     def begin_task(self, task: int, data: TaskData) -> None:
         super().begin_task(task, data)
         if task > 0:
-            self.old_net = copy.deepcopy(self.net).eval().requires_grad_(False)
-
-    def train(self, mode: bool = True) -> Lwf:
-        """Switch modes, keeping the frozen copy in eval mode (its BatchNorm must not move)."""
-        super().train(mode)
-        if self.old_net is not None:
-            self.old_net.eval()
-        return self
+            self.old_net = frozen_copy(self.net)
 
     def old_targets(self, x: torch.Tensor, task: int) -> list[torch.Tensor]:
         """Old heads' logits on `x` from the network as it was before `task` began."""

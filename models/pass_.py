@@ -76,7 +76,6 @@ the distillation keeps in place.
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 import torch.nn as nn
@@ -84,7 +83,7 @@ import torch.nn.functional as F
 
 from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
-from models.continual_model import ContinualModel
+from models.continual_model import ContinualModel, frozen_copy
 from utils.context import TrainingContext
 from utils.errors import UserError
 from utils.sizes import network_bytes, tensor_bytes
@@ -138,6 +137,7 @@ class Pass(ContinualModel):
     # The reference's optimizer (module docstring): Adam, lr 1e-3, L2 weight decay 2e-4.
     DEFAULTS = {"lr": 1e-3, "optim_wd": 2e-4}
     SHARED_BN_REASON = "scores old prototypes with old heads in one shared feature space"
+    FROZEN_COPIES = ("old_net",)
     # The authors' arguments (Impression2805/CVPR21_PASS, main.py for CIFAR-100 and
     # Tiny-ImageNet/main_tiny.py, the same values; its optimizer and StepLR(45, 0.1) in
     # PASS.py / PASS_tiny.py). The reference has no CIFAR-10 run: seq-cifar10 takes the
@@ -187,14 +187,7 @@ class Pass(ContinualModel):
         """A fresh Adam over the network and the rotation heads; the frozen copy for t > 0."""
         self.reset_optimizer([*self.net.parameters(), *self.rotation_heads.parameters()])
         if task > 0:
-            self.old_net = copy.deepcopy(self.net).eval().requires_grad_(False)
-
-    def train(self, mode: bool = True) -> Pass:
-        """Switch modes, keeping the frozen copy in eval mode (as the reference's)."""
-        super().train(mode)
-        if self.old_net is not None:
-            self.old_net.eval()
-        return self
+            self.old_net = frozen_copy(self.net)
 
     def rotation_logits(self, features: torch.Tensor, task: int) -> torch.Tensor:
         """Task `task`'s 4C logits, output 4c + k for class c rotated k quarter turns: the

@@ -64,3 +64,13 @@ class ReplayModel(ContinualModel):
 
     def memory_breakdown(self) -> dict[str, int]:
         return {**super().memory_breakdown(), "buffer": self.buffer.nbytes()}
+
+
+def with_replay(x: torch.Tensor, y: torch.Tensor, task: int,
+                past: ReplaySample | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Task `task`'s batch followed by a replayed one, as one mixed-task batch: inputs,
+    labels and per-sample task ids (the batch alone when nothing is replayed)."""
+    tasks = ReplayModel.task_ids(task, y)
+    if past is None:
+        return x, y, tasks
+    return torch.cat((x, past.x)), torch.cat((y, past.y)), torch.cat((tasks, past.t))

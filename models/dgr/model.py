@@ -60,25 +60,19 @@ generator; a resumed run rebuilds the copies at begin_task from the restored one
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData, to_model_input
-from models.continual_model import ContinualModel
+from models.continual_model import ContinualModel, frozen_copy
 from models.dgr.vae import ConvVAE, vae_loss
+from models.replay import with_replay
 from utils.buffer import ReplaySample
 from utils.context import TrainingContext
 from utils.sizes import network_bytes
 from utils.validators import fraction, non_negative_float, positive_float, positive_int
-
-
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A copy that neither trains nor moves its BatchNorm statistics."""
-    return copy.deepcopy(module).eval().requires_grad_(False)
 
 
 def mixed_loss(losses: torch.Tensor, n_current: int, weight: float) -> torch.Tensor:
@@ -93,6 +87,7 @@ class Dgr(ContinualModel):
     NAME = "dgr"
     DEFAULTS = {"per_task_bn": 0}
     SHARED_BN_REASON = "replays batches mixing tasks"
+    FROZEN_COPIES = ("previous_net", "previous_generator")
     # Neither the BMKP fork (SunWenJu123/BMKP) nor mammoth has DGR settings. The solver takes
     # mammoth's ER best arguments for seq-cifar10 (aimagelab/mammoth, utils/best_args.py,
     # buffer 500; DGR's solver step is ER's with generated images for stored ones), on
@@ -151,14 +146,6 @@ class Dgr(ContinualModel):
             self.previous_net = frozen_copy(self.net)
             self.previous_generator = frozen_copy(self.generator)
 
-    def train(self, mode: bool = True) -> Dgr:
-        """Switch modes, keeping the previous scholar in eval mode."""
-        super().train(mode)
-        for previous in (self.previous_net, self.previous_generator):
-            if previous is not None:
-                previous.eval()
-        return self
-
     def fit_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         with ctx.phase("train"):
             self.train_epochs(data, ctx, self.args.n_epochs, self.observe, task)
@@ -185,9 +172,8 @@ class Dgr(ContinualModel):
         if task == 0:
             return self.optimizer_step(F.cross_entropy(self.net(x, task), y))
         past = self.generated_replay(task)
-        tasks = torch.cat((torch.full_like(y, task), past.t))
-        logits = self.net(torch.cat((x, past.x)), tasks)
-        losses = F.cross_entropy(logits, torch.cat((y, past.y)), reduction="none")
+        inputs, labels, tasks = with_replay(x, y, task, past)
+        losses = F.cross_entropy(self.net(inputs, tasks), labels, reduction="none")
         return self.optimizer_step(mixed_loss(losses, len(y), self.new_task_weight(task)))
 
     def train_generator(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
