@@ -11,6 +11,11 @@ from typing import Callable
 from backbone.contract import TaskNetwork
 from backbone.resnet import DEPTHS, ResNet
 
+# The BMKP paper's two ResNet-18s (Section 6.1) as option values; --model_config best gives
+# each method the one the paper ran it on (ContinualModel.PAPER_NETWORK).
+REDUCED_RESNET18 = {"nf": 20, "feature_pool": "grid"}  # the GPM and BMKP code's
+STANDARD_RESNET18 = {"nf": 64, "feature_pool": "global"}  # mammoth's, for the baselines
+
 
 def _resnet(depth: str) -> Callable[[argparse.Namespace, object], ResNet]:
     def build(args: argparse.Namespace, dataset) -> ResNet:
@@ -20,6 +25,7 @@ def _resnet(depth: str) -> Callable[[argparse.Namespace, object], ResNet]:
                       in_channels=dataset.CHANNELS,
                       identity_shortcut=args.shortcut == "identity",
                       head_bias=bool(args.head_bias), image_size=dataset.IMAGE_SIZE,
+                      global_pool=args.feature_pool == "global",
                       input_mean_std=dataset.input_mean_std(args))
     return build
 

@@ -49,6 +49,12 @@ class TaskNetwork(nn.Module):
         """The modules only task `task` uses, by name."""
         raise NotImplementedError
 
+    def features_depend_on_task(self) -> bool:
+        """Whether `features` differs by task (e.g. per-task BatchNorm); when it does not, all
+        heads can score one feature pass (task-agnostic evaluation). True unless a network
+        knows better."""
+        return True
+
     def conv_layers(self) -> dict[str, nn.Conv2d]:
         """The conv layers by name, in forward order (what subspace methods project)."""
         return {name: m for name, m in self.named_modules() if isinstance(m, nn.Conv2d)}

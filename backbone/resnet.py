@@ -1,10 +1,14 @@
 """ResNet-18/34 of BasicBlocks with a CIFAR stem, optional per-task BatchNorm and Task-IL heads.
 
 `nf` is the base width: 20 gives the reduced ResNet-18 of GPM and BMKP (1,090,140 conv
-weights), 64 the standard one. The stem is a 3x3 conv without max-pool; the classifier reads
-the last (image_size / 8)-sided map average-pooled by 2, as the GPM and BMKP reference code:
-640 features on 32x32 inputs, 2,560 on 64x64 (nf 20). Smaller images keep a 2x2 map, so the
-head of 16x16 seq-synthetic is not squeezed to one value per channel.
+weights), 64 the standard one. The stem is a 3x3 conv without max-pool. By default the
+classifier reads the last (image_size / 8)-sided map average-pooled by 2, as the GPM and BMKP
+reference code: 640 features on 32x32 inputs, 2,560 on 64x64 (nf 20); smaller images keep a
+2x2 map, so the head of 16x16 seq-synthetic is not squeezed to one value per channel.
+`global_pool` averages the map to one value per channel instead (512 features at nf 64), as
+mammoth's standard ResNet-18, the baselines' network: at nf 64 the 2x2 grid gives the heads
+four times the features, and mammoth's learning rates (e.g. 0.1 for ER and CLS-ER) swing
+the logits of the first steps into the tens and blow CLS-ER up.
 
 `identity_shortcut=False` builds the BMKP reference code's variant: a block whose input and
 output shapes match adds nothing to its residual branch (only blocks that change shape keep
@@ -76,7 +80,7 @@ class ResNet(TaskNetwork):
     def __init__(self, depth: str, nf: int, n_tasks: int, classes_per_task: int,
                  per_task_bn: bool = False, bn_running_stats: bool = True,
                  in_channels: int = 3, identity_shortcut: bool = True,
-                 head_bias: bool = True, image_size: int = 32,
+                 head_bias: bool = True, image_size: int = 32, global_pool: bool = False,
                  input_mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None
                  ) -> None:
         super().__init__()
@@ -105,7 +109,7 @@ class ResNet(TaskNetwork):
                                          identity_shortcut))
                 in_planes = planes
         self.blocks = nn.ModuleList(blocks)
-        self.pooled_side = max(2, image_size // 16)
+        self.pooled_side = 1 if global_pool else max(2, image_size // 16)
         self.feature_dim = in_planes * self.pooled_side ** 2
         self.heads = nn.ModuleList(nn.Linear(self.feature_dim, classes_per_task, bias=head_bias)
                                    for _ in range(n_tasks))
@@ -133,6 +137,9 @@ class ResNet(TaskNetwork):
 
     def head(self, task: int) -> nn.Module:
         return self.heads[task]
+
+    def features_depend_on_task(self) -> bool:
+        return self.per_task_bn
 
     def task_modules(self, task: int) -> dict[str, nn.Module]:
         modules = {f"{name}.sets.{m.set_index(task)}": m.sets[m.set_index(task)]

@@ -23,6 +23,7 @@ import argparse
 import torch
 import torch.nn as nn
 
+from backbone import REDUCED_RESNET18
 from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.continual_model import ContinualModel
@@ -74,7 +75,7 @@ class NullSpaceAdam(torch.optim.Adam):
 class AdamNSCL(ContinualModel):
     NAME = "adam_nscl"
     DEFAULTS = {"per_task_bn": 1, "lr": 1e-4}
-    PAPER_NF = 20  # the reduced ResNet-18, as GPM (BMKP paper, Section 6.1)
+    PAPER_NETWORK = REDUCED_RESNET18  # the reduced ResNet-18, as GPM (BMKP paper, Section 6.1)
     BEST_CONFIGS = REFERENCE_RUNS
 
     @staticmethod

@@ -150,9 +150,9 @@ class Clser(ReplayModel):
     def memory(self, name: str) -> TaskNetwork:
         return self.plastic_model if name == "plastic" else self.stable_model
 
-    def forward(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
-        """The stable memory's logits: it is what predicts (predict, evaluation)."""
-        return self.stable_model(x, task)
+    def predictor(self) -> TaskNetwork:
+        """The stable memory predicts (forward, evaluation)."""
+        return self.stable_model
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: int,
                 raw: torch.Tensor) -> torch.Tensor:

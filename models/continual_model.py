@@ -1,7 +1,7 @@
 """The contract every continual-learning method follows.
 
 The loop calls, for each task: begin_task, fit_task, end_task; then evaluates with
-predict(x, task). Most methods only write `observe` (one optimisation step on a batch);
+forward(x, task) (through all_task_logits). Most methods only write `observe` (one optimisation step on a batch);
 a method that owns its whole per-task procedure (e.g. BMKP) overrides fit_task.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from backbone import STANDARD_RESNET18
 from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
 from utils.context import TrainingContext
@@ -43,9 +44,9 @@ class ContinualModel(nn.Module):
     DEFAULTS: ClassVar[dict] = {}
     # Per-dataset hyperparameters loaded by --model_config best, with their source.
     BEST_CONFIGS: ClassVar[dict[str, dict]] = {}
-    # The backbone width --model_config best gives the method: the network the BMKP paper ran
-    # it on (Section 6.1: the standard ResNet-18, nf 64, except GPM, Adam-NSCL and BMKP).
-    PAPER_NF: ClassVar[int] = 64
+    # The backbone options --model_config best gives the method: the network the BMKP paper
+    # ran it on (Section 6.1: the standard ResNet-18, except GPM, Adam-NSCL and BMKP).
+    PAPER_NETWORK: ClassVar[dict] = STANDARD_RESNET18
     # Options that another option of the method sets (e.g. BMKP's --compat official sets the
     # network's): the report names rows by the setting option alone where that tells them apart.
     IMPLIED_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {}
@@ -79,8 +80,13 @@ class ContinualModel(nn.Module):
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
+    def predictor(self) -> TaskNetwork:
+        """The network whose forward predicts: the working network, unless the method
+        predicts with another (e.g. CLS-ER's stable memory)."""
+        return self.net
+
     def forward(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
-        return self.net(x, task)
+        return self.predictor()(x, task)
 
     def train(self, mode: bool = True) -> ContinualModel:
         """Switch modes, keeping the frozen copies (FROZEN_COPIES) in eval mode."""
@@ -91,8 +97,17 @@ class ContinualModel(nn.Module):
                 frozen.eval()
         return self
 
-    def predict(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        return self(x, task).argmax(1)
+    def all_task_logits(self, x: torch.Tensor, n_tasks: int) -> torch.Tensor:
+        """The logits of tasks 0..n_tasks-1 side by side, [batch, n_tasks * classes per task],
+        each task's block as forward(x, task) gives it: Task-IL reads the true task's block,
+        task-agnostic (Class-IL) inference the argmax over all. One feature pass feeds every
+        head when the method predicts with a network's own forward (predictor) whose features
+        are the same for all tasks; otherwise each task costs a forward pass."""
+        net = self.predictor()
+        if type(self).forward is ContinualModel.forward and not net.features_depend_on_task():
+            features = net.features(x, 0)
+            return torch.cat([net.task_logits(features, t) for t in range(n_tasks)], 1)
+        return torch.cat([self(x, t) for t in range(n_tasks)], 1)
 
     def conv_layers(self) -> dict[str, nn.Conv2d]:
         """The backbone's conv layers, for methods that cannot work without them."""

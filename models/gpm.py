@@ -22,6 +22,7 @@ import argparse
 
 import torch
 
+from backbone import REDUCED_RESNET18
 from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.continual_model import ContinualModel
@@ -40,7 +41,7 @@ RESNET_SETTING = dict(lr=0.1, batch_size=64, n_epochs=100, gpm_threshold=0.965,
 class GPM(ContinualModel):
     NAME = "gpm"
     DEFAULTS = {"bn_running_stats": 0}
-    PAPER_NF = 20  # GPM's reduced ResNet-18
+    PAPER_NETWORK = REDUCED_RESNET18  # GPM's reduced ResNet-18
     BEST_CONFIGS = {name: RESNET_SETTING for name in ("seq-cifar10", "seq-cifar100",
                                                       "seq-tinyimg")}
 

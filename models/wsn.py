@@ -20,9 +20,10 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from backbone.contract import TaskNetwork
 from torch.func import functional_call
 
+from backbone import REDUCED_RESNET18
+from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.continual_model import ContinualModel
 from utils.context import TrainingContext
@@ -60,7 +61,7 @@ class WSN(ContinualModel):
     DEFAULTS = {"per_task_bn": 1, "bn_running_stats": 0, "lr": 1e-3}
     # The reduced ResNet-18 of GPM, which the WSN code uses wherever it runs a ResNet-18
     # (REFERENCE_RUNS above); the BMKP paper does not say WSN ran otherwise.
-    PAPER_NF = 20
+    PAPER_NETWORK = REDUCED_RESNET18
     BEST_CONFIGS = REFERENCE_RUNS
 
     @staticmethod

@@ -132,6 +132,15 @@ def check_result(result: dict, model: str) -> None:
     recomputed = summarize(matrix)
     for key in ("avg_accuracy", "final_acc", "bwt", "forgetting"):
         assert result[key] == pytest.approx(recomputed[key]), key
+    # A sample right without its task id is right with it (the global argmax lies in its
+    # task's block), and with one task seen the two are the same prediction.
+    agnostic = result["task_agnostic"]
+    recomputed = summarize(agnostic["accuracy_matrix"])
+    for key in ("avg_accuracy", "final_acc", "bwt", "forgetting"):
+        assert agnostic[key] == pytest.approx(recomputed[key]), key
+    assert all(a <= t for rows in zip(agnostic["accuracy_matrix"], matrix)
+               for a, t in zip(*rows))
+    assert agnostic["accuracy_matrix"][0] == matrix[0]
 
     times = result["phase_times"]
     assert len(times) == N_TASKS

@@ -61,6 +61,20 @@ def test_head_size_follows_the_input_size_as_the_reference():
     assert tiny.feature_dim == 2560 and tiny.heads[0].in_features == 2560
 
 
+def test_global_pooling_gives_the_standard_resnet18s_head():
+    """Mammoth's ResNet-18: one average per channel of the last map, 512 features at nf 64
+    whatever the image size."""
+    for size in (32, 64):
+        net = ResNet("resnet18", nf=64, n_tasks=1, classes_per_task=2, image_size=size,
+                     global_pool=True)
+        x = torch.rand(2, 3, size, size)
+        assert net.feature_dim == 512 and net.features(x, 0).shape == (2, 512)
+        expected = torch.nn.functional.relu(net.bn1(net.conv1(x), 0))
+        for block in net.blocks:
+            expected = block(expected, 0)
+        torch.testing.assert_close(net.features(x, 0), expected.mean((2, 3)))
+
+
 def test_task_logits_int_and_tensor_task_ids_agree():
     torch.manual_seed(0)
     net = ResNet("resnet18", nf=4, n_tasks=4, classes_per_task=3, image_size=16)

@@ -120,13 +120,18 @@ def test_cifar100_folder_given_to_seq_cifar10_is_a_user_error(tmp_path, capsys, 
     assert offline_cifar == []
 
 
-@pytest.mark.parametrize("model, width", [("sgd", 64), ("er", 64), ("ewc_on", 64),
-                                          ("gpm", 20), ("adam_nscl", 20), ("bmkp", 20),
-                                          ("wsn", 20)])
-def test_best_config_gives_each_method_the_papers_width(model, width):
+@pytest.mark.parametrize("model, width, pool", [
+    ("sgd", 64, "global"), ("er", 64, "global"), ("ewc_on", 64, "global"),
+    ("clser", 64, "global"), ("gpm", 20, "grid"), ("adam_nscl", 20, "grid"),
+    ("bmkp", 20, "grid"), ("wsn", 20, "grid")])
+def test_best_config_gives_each_method_the_papers_network(model, width, pool):
     """The BMKP paper ran GPM, Adam-NSCL and BMKP (and WSN's code) on the reduced ResNet-18,
-    every other baseline on the standard one; a width typed on the command line still wins."""
+    every other baseline on the standard one (mammoth's, global pooling); a value typed on
+    the command line still wins."""
     best = ["--model", model, "--dataset", "seq-cifar10", "--model_config", "best"]
-    assert parse_args(best).nf == width
-    assert parse_args([*best, "--nf", "32"]).nf == 32
-    assert parse_args(["--model", model, "--dataset", "seq-cifar10"]).nf == 20
+    args = parse_args(best)
+    assert (args.nf, args.feature_pool) == (width, pool)
+    args = parse_args([*best, "--nf", "32", "--feature_pool", "grid"])
+    assert (args.nf, args.feature_pool) == (32, "grid")
+    args = parse_args(["--model", model, "--dataset", "seq-cifar10"])
+    assert (args.nf, args.feature_pool) == (20, "grid")

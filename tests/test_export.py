@@ -30,17 +30,22 @@ def test_saved_memory_evaluates_to_the_runs_last_row(tmp_path, capsys):
         path = tmp_path / "memories" / f"ltm-seed{seed}.pt"
         assert run["config"]["save_memory"] == str(path)
         last_row = run["accuracy_matrix"][-1]
+        agnostic_row = run["task_agnostic"]["accuracy_matrix"][-1]
         assert sum(last_row) / len(last_row) > 55  # learned something: a meaningful check
         accuracies = evaluate_script.evaluate_memory(path, "seq-synthetic", tmp_path / "data",
                                                      "cpu")
-        assert accuracies == last_row
+        assert accuracies.task_il == last_row
+        assert accuracies.task_agnostic == agnostic_row
     assert not memory.exists()
     assert evaluate_script.main(["--memory", str(path), "--dataset", "seq-synthetic",
                                  "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"{path}: 5 tasks of seq-synthetic, Task-IL accuracy"
-    assert lines[1:6] == [f"task {t + 1}: {a:.2f}" for t, a in enumerate(last_row)]
-    assert lines[6] == f"average: {run['final_acc']:.2f}"
+    assert lines[0] == (f"{path}: 5 tasks of seq-synthetic, accuracy with the task id (Task-IL) "
+                        "and without it (task-agnostic)")
+    assert lines[1:6] == [f"task {t + 1}: {a:.2f}  {b:.2f}"
+                          for t, (a, b) in enumerate(zip(last_row, agnostic_row))]
+    assert lines[6] == (f"average: {run['final_acc']:.2f}  "
+                        f"{run['task_agnostic']['final_acc']:.2f}")
 
 
 @pytest.mark.slow

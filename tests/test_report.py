@@ -17,8 +17,9 @@ _run_ids = itertools.count()
 
 
 def write_run(folder, model, dataset, seed, last_row, memory_mb=1.0, per_task_memory=True,
-              **config):
-    """A run JSON as utils/main.py writes it (only the fields the report reads), 2 tasks."""
+              agnostic_row=None, **config):
+    """A run JSON as utils/main.py writes it (only the fields the report reads), 2 tasks;
+    without `agnostic_row`, as runs made before task-agnostic accuracy was measured."""
     matrix = [[last_row[0] + 1.0], last_row]
     run = {"model": model, "dataset": dataset, "seed": seed, **summarize(matrix),
            "memory": {"total_mb": memory_mb},
@@ -27,6 +28,8 @@ def write_run(folder, model, dataset, seed, last_row, memory_mb=1.0, per_task_me
                       **config}}
     if per_task_memory:
         run["memory_per_task_mb"] = [memory_mb / 2, memory_mb]
+    if agnostic_row is not None:
+        run["task_agnostic"] = summarize([matrix[0], agnostic_row])
     path = folder / dataset / model / f"run{next(_run_ids)}-seed{seed}.json"
     write_json_atomic(run, path)
     return path
@@ -49,17 +52,22 @@ def run_report(tmp_path, capsys, *sources):
 
 @pytest.fixture
 def results(tmp_path):
-    """Three seeds each of bmkp, joint and sgd on Seq-CIFAR-10, plus files that are not runs."""
+    """Three seeds each of bmkp, joint and sgd on Seq-CIFAR-10, plus files that are not runs;
+    joint's runs predate task-agnostic accuracy."""
     folder = tmp_path / "result"
-    # bmkp: final ACC 93.5, 94.0, 94.5 -> 94.00 +- 0.50; memory 25.0, 25.5, 26.0 -> 25.50
+    # bmkp: final ACC 93.5, 94.0, 94.5 -> 94.00 +- 0.50; memory 25.0, 25.5, 26.0 -> 25.50;
+    # task-agnostic 60, 61, 62 -> 61.00 +- 1.00
     for seed, (first, mb) in enumerate([(93.0, 25.0), (94.0, 25.5), (95.0, 26.0)]):
-        write_run(folder, "bmkp", "seq-cifar10", seed, [first, 94.0], mb, lambd=10.0)
+        write_run(folder, "bmkp", "seq-cifar10", seed, [first, 94.0], mb, lambd=10.0,
+                  agnostic_row=[60.0 + seed, 60.0 + seed])
     # joint: 97, 98, 99 -> 98.00 +- 1.00 against the paper's 98.07 (no std)
     for seed, acc in enumerate([97.0, 98.0, 99.0]):
-        write_run(folder, "joint", "seq-cifar10", seed, [acc, acc], 1.5)
-    # sgd: 60, 64, 68 -> 64.00 +- 4.00, no paper number
+        write_run(folder, "joint", "seq-cifar10", seed, [acc, acc], 1.5, feature_pool="global")
+    # sgd: 60, 64, 68 -> 64.00 +- 4.00, no paper number; task-agnostic rows [0, 30], [0, 32],
+    # [0, 34] -> 16.00 +- 1.00
     for seed, acc in enumerate([60.0, 64.0, 68.0]):
-        write_run(folder, "sgd", "seq-cifar10", seed, [acc - 10, acc + 10], 1.5)
+        write_run(folder, "sgd", "seq-cifar10", seed, [acc - 10, acc + 10], 1.5,
+                  agnostic_row=[0.0, acc / 2], feature_pool="global")
     write_json_atomic({"model": "sgd", "final_acc": {"mean": 1.0}}, folder / "x-aggregate.json")
     write_json_atomic({"setup": {}, "train_images_per_s": 1.0}, folder / "benchmark" / "b.json")
     return folder
@@ -71,18 +79,20 @@ def test_table1_values_reference_and_difference(tmp_path, capsys, results):
     assert err == ""
     md = (tmp_path / "out" / "table1.md").read_text()
     rows = table_rows(md)
-    assert rows["method"] == ["seq-cifar10 ACC", "seq-cifar10 MB", "seq-cifar10 paper",
-                              "seq-cifar10 diff", "seq-cifar10 protocol"]
-    assert rows["bmkp"] == ["94.00 +- 0.50 (3 seeds)", "25.50", "94.49 +- 0.20", "-0.49",
-                            "3/5 seeds"]
-    assert rows["joint"] == ["98.00 +- 1.00 (3 seeds)", "1.50", "98.07", "-0.07", "3/5 seeds"]
-    assert rows["sgd"] == ["64.00 +- 4.00 (3 seeds)", "1.50", "-", "-", "-"]
+    assert rows["method"] == ["seq-cifar10 ACC", "seq-cifar10 task-agnostic", "seq-cifar10 MB",
+                              "seq-cifar10 paper", "seq-cifar10 diff", "seq-cifar10 protocol"]
+    assert rows["bmkp"] == ["94.00 +- 0.50 (3 seeds)", "61.00 +- 1.00", "25.50",
+                            "94.49 +- 0.20", "-0.49", "3/5 seeds"]
+    assert rows["joint"] == ["98.00 +- 1.00 (3 seeds)", "-", "1.50", "98.07", "-0.07",
+                             "3/5 seeds"]
+    assert rows["sgd"] == ["64.00 +- 4.00 (3 seeds)", "16.00 +- 1.00", "1.50", "-", "-", "-"]
+    assert "task-agnostic: final accuracy without the task id" in md
     assert set(rows) == {"method", "bmkp", "joint", "sgd"}  # aggregate/benchmark skipped
     assert "warning" not in md and "[few]" not in md
     tex = (tmp_path / "out" / "table1.tex").read_text()
-    assert r"\multicolumn{5}{c}{seq-cifar10}" in tex
-    assert (r"bmkp & 94.00 $\pm$ 0.50 (3 seeds) & 25.50 & 94.49 $\pm$ 0.20 & -0.49 & "
-            r"3/5 seeds \\") in tex
+    assert r"\multicolumn{6}{c}{seq-cifar10}" in tex
+    assert (r"bmkp & 94.00 $\pm$ 0.50 (3 seeds) & 61.00 $\pm$ 1.00 & 25.50 & "
+            r"94.49 $\pm$ 0.20 & -0.49 & 3/5 seeds \\") in tex
     assert r"\begin{tabular}" in tex and r"\end{table}" in tex
     assert not (tmp_path / "out" / "table2.md").exists()  # no ablation runs
     assert f"wrote {tmp_path / 'out' / 'table1.md'}" in out
@@ -92,17 +102,19 @@ def test_table1_values_reference_and_difference(tmp_path, capsys, results):
 @pytest.mark.slow
 def test_mismatched_protocol_and_missing_or_repeated_seeds_are_flagged(tmp_path, capsys,
                                                                        results):
-    write_run(results, "sgd", "seq-cifar10", 0, [50.0, 70.0], 1.5, lr=0.1)  # other protocol
+    write_run(results, "sgd", "seq-cifar10", 0, [50.0, 70.0], 1.5, lr=0.1,
+              feature_pool="global")  # other protocol
     for seed in (0, 0, 1):  # seed 0 twice
-        write_run(results, "joint", "seq-cifar100", seed, [80.0, 90.0], 1.5)
+        write_run(results, "joint", "seq-cifar100", seed, [80.0, 90.0], 1.5,
+                  feature_pool="global")
     out, err = run_report(tmp_path, capsys, results)
     md = (tmp_path / "out" / "table1.md").read_text()
     rows = table_rows(md)
     assert "sgd" not in rows
     assert rows["sgd [lr=0.05]"][0] == "64.00 +- 4.00 (3 seeds)"
     assert rows["sgd [lr=0.1]"][0] == "60.00 (1 seed) [few]"
-    assert rows["joint"][5] == "85.00 +- 0.00 (3 runs, 2 seeds) [few] [dup]"
-    assert rows["joint"][7] == "91.18"  # the paper's CIFAR-100 Joint
+    assert rows["joint"][6] == "85.00 +- 0.00 (3 runs, 2 seeds) [few] [dup]"
+    assert rows["joint"][9] == "91.18"  # the paper's CIFAR-100 Joint
     warnings = err.splitlines()
     assert ("warning: sgd on seq-cifar10: runs differ in lr; reported as 2 separate rows, "
             "not averaged") in warnings
@@ -158,9 +170,9 @@ def test_rows_off_the_papers_protocol_are_labelled_and_get_no_diff(tmp_path, cap
     run_report(tmp_path, capsys, folder)
     md = (tmp_path / "out" / "table1.md").read_text()
     rows = table_rows(md)
-    assert rows["derpp"][2:] == ["93.71 +- 0.40", "n/a", "5/50 epochs, nf 20/64, 1/5 seeds"]
-    assert rows["er"][2:] == ["-", "-", "-"]  # the paper has no ER row
-    assert rows["bmkp"][2:] == ["94.49 +- 0.20", "-0.49", "paper"]
+    assert rows["derpp"][3:] == ["93.71 +- 0.40", "n/a", "5/50 epochs, nf 20/64, grid/global pooling, 1/5 seeds"]
+    assert rows["er"][3:] == ["-", "-", "-"]  # the paper has no ER row
+    assert rows["bmkp"][3:] == ["94.49 +- 0.20", "-0.49", "paper"]
     assert "diff n/a: the runs' protocol differs from the paper's" in md
 
 
@@ -190,7 +202,8 @@ def test_reference_protocol_matches_the_best_configurations():
     """The protocol the report compares with is the one --model_config best runs."""
     protocol = json.loads(REFERENCE.read_text())["protocol"]
     for name, cls in model_classes().items():
-        assert protocol["nf"].get(name, protocol["nf"]["default"]) == cls.PAPER_NF, name
+        for option, value in cls.PAPER_NETWORK.items():
+            assert protocol[option].get(name, protocol[option]["default"]) == value, name
     bmkp = model_classes()["bmkp"].BEST_CONFIGS
     for dataset, epochs in protocol["n_epochs"].items():
         assert bmkp[dataset]["n_epochs"] == epochs
@@ -227,6 +240,11 @@ def test_threshold_table_and_long_csv(tmp_path, capsys, results):
     assert [(r["task"], r["accuracy_final"], r["accuracy_when_learned"]) for r in sgd] == \
         [("1", "58.0", "59.0"), ("2", "78.0", "78.0")]
     assert sgd[0]["memory_mb_after_task"] == "0.75" and sgd[0]["memory_mb"] == "1.5"
+    assert [r["task_agnostic_accuracy_final"] for r in sgd] == ["0.0", "34.0"]
+    assert sgd[0]["task_agnostic_final_acc"] == "17.0"
+    joint = [r for r in rows if r["model"] == "joint"]  # made before it was measured
+    assert {(r["task_agnostic_accuracy_final"], r["task_agnostic_final_acc"]) for r in joint} \
+        == {("", "")}
     assert f"wrote {tmp_path / 'out' / 'runs.csv'}" in out
 
 

@@ -68,7 +68,7 @@ def test_channels_last_evaluates_trained_weights_alike(synthetic_args):
     for flag, layout in LAYOUTS.items():
         model.to(memory_format=layout)
         args.channels_last = flag
-        rows[flag] = evaluate(model, dataset, last, context(args))
+        rows[flag] = evaluate(model, dataset, last, context(args)).task_il
         model.eval()
         with torch.inference_mode():
             logits[flag] = [model(to_model_input(dataset.test_data(t).x, bool(flag)), t)

@@ -87,6 +87,19 @@ def test_submitit_backend_without_submitit_is_a_user_error(tmp_path, capsys, mon
                           "pip install submitit")
 
 
+def test_submitit_dry_run_shows_one_job_array_and_what_each_job_asks_for(tmp_path, capsys):
+    pytest.importorskip("submitit")
+    assert sweep.main([str(_config(tmp_path)), "--backend", "submitit", "--gpus_per_job", "2",
+                       "--array_parallelism", "4", "--slurm_partition", "gpu",
+                       "--dry_run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == ("one submitit job array of 2 jobs, each: timeout_min=60 cpus_per_task=1 "
+                        "gpus_per_node=2 slurm_partition=gpu slurm_array_parallelism=4")
+    assert len(lines) == 4 and all("--model sgd --dataset seq-synthetic" in line
+                                   for line in lines[2:])
+    assert not (tmp_path / "sweep").exists()  # nothing ran
+
+
 @pytest.mark.slow
 def test_submitit_local_executor_runs_the_jobs(tmp_path, capsys):
     pytest.importorskip("submitit")

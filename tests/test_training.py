@@ -10,16 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 import utils.results as results
+from datasets.continual_dataset import TaskData, to_model_input
 from datasets.seq_synthetic import SequentialSynthetic
-from helpers import (assert_one_line_error, check_result, network_bytes, run_synthetic,
-                     synthetic_argv)
+from helpers import (assert_one_line_error, build_on_cpu, check_result, cpu_context,
+                     network_bytes, run_synthetic, synthetic_argv)
 from models.sgd import Sgd
 from utils.main import main
 from utils.metrics import summarize
 from utils.results import epoch_log_path, text_log_path, write_json_atomic
 from utils.setup import set_deterministic
+from utils.training import Accuracies, evaluate
 
 N_TASKS = SequentialSynthetic.N_TASKS
 CHANCE = 100.0 / SequentialSynthetic.N_CLASSES_PER_TASK
@@ -72,6 +75,61 @@ def test_metrics_by_hand():
     assert m["forgetting"] == pytest.approx(15.0)
 
 
+class KnownLogits(nn.Module):
+    """Logits looked up by image: the first pixel of each image is its row of `table`."""
+
+    def __init__(self, table: list[list[float]]) -> None:
+        super().__init__()
+        self.table = torch.tensor(table)
+
+    def all_task_logits(self, x: torch.Tensor, n_tasks: int) -> torch.Tensor:
+        return self.table[(x[:, 0, 0, 0] * 255).round().long(), :2 * n_tasks]
+
+
+class TwoTasksOfTwoClasses:
+    N_CLASSES_PER_TASK = 2
+    LABELS = [[0, 1, 0, 1], [0, 1, 1, 0]]
+
+    def test_data(self, task: int) -> TaskData:
+        rows = torch.arange(4 * task, 4 * task + 4, dtype=torch.uint8)
+        return TaskData(rows.view(4, 1, 1, 1).expand(4, 3, 2, 2).clone(),
+                        torch.tensor(self.LABELS[task]), torch.full((4,), task))
+
+
+def test_task_agnostic_accuracy_by_hand():
+    """Task-IL reads the true task's two logits, task-agnostic the argmax over all four."""
+    model = KnownLogits([[5, 1, 2, 2],   # task 0, y 0: right in both
+                         [0, 3, 4, 0],   # y 1: right in its task, beaten by task 1's head
+                         [1, 2, 0, 0],   # y 0: wrong in both
+                         [0, 1, 2, 0],   # y 1: right in its task only
+                         [0, 0, 3, 1],   # task 1, y 0: right in both
+                         [9, 0, 0, 1],   # y 1: right in its task only
+                         [0, 0, 2, 1],   # y 1: wrong in both
+                         [0, 0, 1, 0]])  # y 0: right in both
+    after_first = evaluate(model, TwoTasksOfTwoClasses(), 0, cpu_context())
+    assert after_first == Accuracies(task_il=[75.0], task_agnostic=[75.0])  # task 1 unseen
+    after_both = evaluate(model, TwoTasksOfTwoClasses(), 1, cpu_context())
+    assert after_both == Accuracies(task_il=[75.0, 75.0], task_agnostic=[25.0, 50.0])
+
+
+@pytest.mark.parametrize("model, extra", [("sgd", ("--per_task_bn", "0")),
+                                          ("sgd", ("--per_task_bn", "1")), ("clser", ())])
+def test_all_task_logits_are_each_tasks_forward_side_by_side(synthetic_args, model, extra):
+    """One feature pass for all heads (shared BatchNorm; CLS-ER's through its stable memory,
+    which predicts) or one forward per task (per-task BatchNorm): the same logits."""
+    dataset, method = build_on_cpu(synthetic_args, model, *extra)
+    with torch.no_grad():
+        for p in method.predictor().parameters():  # CLS-ER: a stable memory unlike the net
+            p.add_(0.1 * torch.randn_like(p))
+    method.eval()
+    x = to_model_input(dataset.test_data(1).x[:8], False)
+    with torch.no_grad():
+        expected = torch.cat([method(x, t) for t in range(3)], 1)
+        torch.testing.assert_close(method.all_task_logits(x, 3), expected)
+        if model == "clser":
+            assert not torch.allclose(expected[:, :2], method.net(x, 0))
+
+
 def test_metrics_after_one_task_have_no_transfer():
     m = summarize([[42.0]])
     assert m["final_acc"] == 42.0 and m["bwt"] is None and m["forgetting"] is None
@@ -98,7 +156,8 @@ def test_every_run_keeps_a_timestamped_text_log_also_under_quiet(tmp_path, capsy
     assert "options: model=sgd" in lines[0]
     assert [line.split(": avg acc")[0][24:] for line in lines[1:-1]] == [
         f"task {t}/{N_TASKS}" for t in range(1, N_TASKS + 1)]
-    assert lines[-1].endswith(f"final Task-IL ACC {result['final_acc']:.2f}  BWT "
+    assert lines[-1].endswith(f"final Task-IL ACC {result['final_acc']:.2f}  task-agnostic ACC "
+                              f"{result['task_agnostic']['final_acc']:.2f}  BWT "
                               f"{result['bwt']:.2f}  memory {result['memory']['total_mb']:.2f}"
                               f" MB  time {result['total_time_s']:.1f}s -> {path}")
 

@@ -15,10 +15,11 @@ RUN_KEYS = ("seed", "seeds", "n_runs", "results_dir", "save_memory", "checkpoint
 # fast, or how it reports (model_config only fills in options whose values are kept anyway).
 # debug_mode, amp and eval_batch_size are left out on purpose: they change the numbers.
 NON_PROTOCOL_KEYS = RUN_KEYS + ("data_path", "device", "num_threads", "channels_last",
-                                "deterministic", "compile", "quiet", "model_config")
+                                "deterministic", "compile", "quiet", "tensorboard",
+                                "model_config")
 # Options added after results were written, with the behaviour of the runs made before them,
 # so such older runs share a protocol with newer ones that use that behaviour.
-OPTIONS_ADDED_LATER = {"shortcut": "identity", "head_bias": 1}
+OPTIONS_ADDED_LATER = {"shortcut": "identity", "head_bias": 1, "feature_pool": "grid"}
 METHOD_OPTIONS_ADDED_LATER = {"bmkp": {"energy": "sigma2", "projection_bn": "running"}}
 DATASET_OPTIONS_ADDED_LATER = {"seq-cifar10": {"normalize_inputs": 0},
                                "seq-cifar100": {"normalize_inputs": 0}}
@@ -50,7 +51,8 @@ def elementwise_mean_std(rows: Sequence[Sequence[float]]) -> dict[str, list[floa
 
 def aggregate_runs(runs: Sequence[dict]) -> dict:
     """Seeds, ACC, BWT, forgetting, the last row of the accuracy matrix, the average accuracy
-    after each task and the memory, each as mean and std over the runs."""
+    after each task, the task-agnostic ACC (None when a run predates it) and the memory, each
+    as mean and std over the runs."""
     per_task_memory = [r.get("memory_per_task_mb") for r in runs]
     return {
         "seeds": [r["seed"] for r in runs],
@@ -60,6 +62,8 @@ def aggregate_runs(runs: Sequence[dict]) -> dict:
         "forgetting": optional_mean_std([r["forgetting"] for r in runs]),
         "final_per_task_acc": elementwise_mean_std([r["accuracy_matrix"][-1] for r in runs]),
         "avg_accuracy": elementwise_mean_std([r["avg_accuracy"] for r in runs]),
+        "task_agnostic_final_acc": optional_mean_std(
+            [r.get("task_agnostic", {}).get("final_acc") for r in runs]),
         "memory_total_mb": mean_std([r["memory"]["total_mb"] for r in runs]),
         "memory_per_task_mb": (None if None in per_task_memory
                                else elementwise_mean_std(per_task_memory)),

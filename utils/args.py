@@ -1,7 +1,7 @@
 """Command-line options: the common ones, plus those of the chosen model and dataset.
 
 Precedence, lowest first: common defaults, the dataset's DEFAULTS, the model's DEFAULTS, its
---model_config best values for the dataset (with its paper width, PAPER_NF), then whatever was
+--model_config best values for the dataset (with its paper network, PAPER_NETWORK), then whatever was
 typed on the command line.
 """
 from __future__ import annotations
@@ -98,6 +98,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--shortcut", choices=("identity", "none"), default="identity",
                      help="what a block whose shape does not change adds to its output: x "
                           "(a ResNet), or nothing (the BMKP reference code's network)")
+    net.add_argument("--feature_pool", choices=("grid", "global"), default="grid",
+                     help="what the task heads read: the last map average-pooled to 2x2 "
+                          "(grid: the GPM and BMKP code's network) or to one value per "
+                          "channel (global: mammoth's standard ResNet-18)")
     net.add_argument("--head_bias", type=switch, default=1,
                      help="0: the task heads have no bias (the BMKP reference code's classifier)")
     net.add_argument("--per_task_bn", type=switch, default=0,
@@ -127,6 +131,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--debug_mode", type=switch, default=0,
                      help="1: a handful of batches per epoch and per evaluation (smoke runs)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also write losses, accuracies and phase times for TensorBoard to "
+                          "<result>.tensorboard/ (pip install tensorboard)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -156,7 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 f"{dataset_cls.NAME} (it has: "
                                 f"{', '.join(model_cls.BEST_CONFIGS) or 'none'}); "
                                 "drop --model_config best and set the options yourself")
-            parser.set_defaults(nf=model_cls.PAPER_NF, **model_cls.BEST_CONFIGS[dataset_cls.NAME])
+            parser.set_defaults(**model_cls.PAPER_NETWORK,
+                                **model_cls.BEST_CONFIGS[dataset_cls.NAME])
     args = parser.parse_args(argv)
     if args.resume and args.checkpoint_dir is None:
         raise UserError("--resume needs --checkpoint_dir DIR, the folder of the checkpoint")

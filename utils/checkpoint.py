@@ -54,7 +54,8 @@ def save_checkpoint(path: Path, args: argparse.Namespace, model: ContinualModel,
     """Write the state after the last evaluated task, atomically (a kill while writing keeps
     the previous checkpoint)."""
     state = {"protocol": _protocol(args), "next_task": progress.next_task,
-             "matrix": progress.matrix, "memory_mb": progress.memory_mb,
+             "matrix": progress.matrix, "agnostic_matrix": progress.agnostic_matrix,
+             "memory_mb": progress.memory_mb,
              "elapsed_s": progress.elapsed_s, "phase_times": ctx.phase_times,
              "started_at": started_at, "model": model.checkpoint_state(), "rng": _rng_state()}
     write_atomic(path, lambda f: torch.save(state, f), binary=True)
@@ -71,7 +72,12 @@ def load_checkpoint(path: Path, args: argparse.Namespace, model: ContinualModel,
     if differing:
         raise UserError(f"--resume: {path} was made with other options ({', '.join(differing)}); "
                         "use the same options or drop --resume to start again")
+    if "agnostic_matrix" not in state:
+        raise UserError(f"--resume: {path} was written before task-agnostic accuracy was "
+                        "measured and cannot continue a run; drop --resume to start again")
     model.load_checkpoint_state(state["model"])
     ctx.phase_times = state["phase_times"]
     _set_rng_state(state["rng"])
-    return Progress(state["matrix"], state["memory_mb"], state["elapsed_s"]), state["started_at"]
+    progress = Progress(state["matrix"], state["agnostic_matrix"], state["memory_mb"],
+                        state["elapsed_s"])
+    return progress, state["started_at"]

@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -34,6 +34,9 @@ class TrainingContext:
     task_label: str = ""
     # Where each finished epoch is appended as one JSON line (None: not logged).
     epoch_log: Path | None = None
+    # Called with ("epoch", the epoch's line) and ("task", its evaluation) as they happen
+    # (e.g. --tensorboard's writer), so every view of a run is fed from the same records.
+    listeners: list[Callable[[str, dict], None]] = field(default_factory=list)
     phase_name: str = ""
 
     @classmethod
@@ -65,15 +68,20 @@ class TrainingContext:
     def log_epoch(self, epoch: int, n_epochs: int, loss: float | None, seconds: float,
                   images: int) -> None:
         """Append one finished epoch to the epoch log, so a run that is killed still shows
-        how far it got and how fast."""
-        if self.epoch_log is None:
-            return
+        how far it got and how fast; then tell the listeners."""
         line = {"task": self.task, "phase": self.phase_name, "epoch": epoch,
                 "n_epochs": n_epochs, "loss": loss, "seconds": round(seconds, 4),
                 "images_per_s": round(images / seconds, 1) if seconds > 0 else None}
-        self.epoch_log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.epoch_log, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        if self.epoch_log is not None:
+            self.epoch_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.epoch_log, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        self.emit("epoch", line)
+
+    def emit(self, kind: str, record: dict) -> None:
+        """Pass one event of the run to every listener."""
+        for listener in self.listeners:
+            listener(kind, record)
 
     def autocast(self) -> torch.autocast:
         """bfloat16 autocast for forward passes when --amp is on (a no-op otherwise)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import ExitStack, closing
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -26,13 +27,14 @@ from utils.context import TrainingContext  # noqa: E402
 from utils.setup import (build, resolve_device, seed_everything, set_deterministic,  # noqa: E402
                          set_threads)
 from utils.sizes import BYTES_PER_MB  # noqa: E402
+from utils.tensorboard_events import TensorBoardEvents, tensorboard_dir  # noqa: E402
 from utils.training import BUDGET_EXIT, BudgetReached, run_tasks  # noqa: E402
 
 def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
     """Build dataset and model from the options, learn all tasks (logging every epoch to
     <result>.epochs.jsonl and every line `log` shows, timestamped, to <result>.log as it
-    goes), write the result JSON, then let the method export what it keeps (e.g. BMKP's
-    --save_memory)."""
+    goes, and with --tensorboard the same events to <result>.tensorboard/), write the result
+    JSON, then let the method export what it keeps (e.g. BMKP's --save_memory)."""
     set_threads(args.num_threads)
     set_deterministic(bool(args.deterministic))
     device = resolve_device(args.device)
@@ -46,7 +48,12 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
         progress, started = load_checkpoint(checkpoint, args, model, ctx)
     path = result_path(args.results_dir, args.dataset, args.model, args.seed, started)
     ctx.epoch_log = epoch_log_path(path)
-    with run_log(text_log_path(path)) as logger:
+    with ExitStack() as logs:
+        if args.tensorboard:  # first: a missing package fails before any file is made
+            events = logs.enter_context(closing(TensorBoardEvents(tensorboard_dir(path))))
+            ctx.listeners.append(events)
+        logger = logs.enter_context(run_log(text_log_path(path)))
+
         def log_both(line: str) -> None:
             logger.info(line)
             log(line)
@@ -116,16 +123,19 @@ def run_summary(result: dict, path: Path) -> str:
     """The line a finished run prints, so a log shows each result and where it went."""
     bwt = "n/a" if result["bwt"] is None else f"{result['bwt']:.2f}"
     return (f"{result['model']} on {result['dataset']} (seed {result['seed']}): final Task-IL "
-            f"ACC {result['final_acc']:.2f}  BWT {bwt}  memory "
+            f"ACC {result['final_acc']:.2f}  task-agnostic ACC "
+            f"{result['task_agnostic']['final_acc']:.2f}  BWT {bwt}  memory "
             f"{result['memory']['total_mb']:.2f} MB  time {result['total_time_s']:.1f}s -> {path}")
 
 
 def aggregate_summary(aggregate: dict, path: Path) -> str:
     """The closing line of a multi-seed command: ACC mean +- std over its seeds."""
     acc, bwt = aggregate["final_acc"], aggregate["bwt"]
+    agnostic = aggregate["task_agnostic_final_acc"]
     bwt_text = "n/a" if bwt is None else f"{bwt['mean']:.2f} +- {bwt['std']:.2f}"
     return (f"{aggregate['model']} on {aggregate['dataset']}: final Task-IL ACC "
             f"{acc['mean']:.2f} +- {acc['std']:.2f} over {aggregate['n_runs']} seeds  "
+            f"task-agnostic ACC {agnostic['mean']:.2f} +- {agnostic['std']:.2f}  "
             f"BWT {bwt_text}  memory {aggregate['memory_total_mb']['mean']:.2f} MB -> {path}")
 
 

@@ -113,6 +113,7 @@ class PaperProtocol:
     seeds: int
     n_epochs: dict[str, int]  # dataset -> epochs per task
     nf: dict[str, int]  # model -> backbone width, with a "default"
+    feature_pool: dict[str, str]  # model -> --feature_pool, with a "default"
     buffer_size: int  # of every method that has a buffer
     batch_size: dict[str, dict[str, int]]  # model -> dataset -> batch, where the paper says
     retrain_epochs: dict[str, dict[str, int]]  # model -> dataset -> epochs
@@ -126,6 +127,7 @@ class PaperProtocol:
         paper = {"n_epochs": self.n_epochs[g.dataset],
                  "retrain_epochs": self.retrain_epochs.get(g.model, {}).get(g.dataset),
                  "nf": self.nf.get(g.model, self.nf["default"]),
+                 "feature_pool": self.feature_pool.get(g.model, self.feature_pool["default"]),
                  "batch_size": self.batch_size.get(g.model, {}).get(g.dataset),
                  "buffer_size": self.buffer_size}
         if config.get("retrain_epochs") == 0:
@@ -143,7 +145,8 @@ class PaperProtocol:
 # Options compared with the paper's protocol, and how a difference reads (ours/paper).
 PROTOCOL_GAPS = {"n_epochs": "{ours}/{paper} epochs",
                  "retrain_epochs": "{ours}/{paper} retraining epochs",
-                 "nf": "nf {ours}/{paper}", "batch_size": "batch {ours}/{paper}",
+                 "nf": "nf {ours}/{paper}", "feature_pool": "{ours}/{paper} pooling",
+                 "batch_size": "batch {ours}/{paper}",
                  "buffer_size": "buffer {ours}/{paper}"}
 
 
@@ -286,6 +289,13 @@ def acc_cell(g: Group | None, ref: dict | None) -> str:
     return f"{acc['mean']:.2f}{spread} ({count}){flags}"
 
 
+def agnostic_cell(g: Group | None, ref: dict | None) -> str:
+    acc = None if g is None else g.stats["task_agnostic_final_acc"]
+    if acc is None:  # no runs, or runs made before task-agnostic accuracy was measured
+        return "-"
+    return f"{acc['mean']:.2f}" + ("" if len(g.runs) == 1 else f" +- {acc['std']:.2f}")
+
+
 def memory_cell(g: Group | None, ref: dict | None) -> str:
     return "-" if g is None else f"{g.stats['memory_total_mb']['mean']:.2f}"
 
@@ -315,6 +325,8 @@ def paper_memory_cell(g: Group | None, ref: dict | None) -> str:
 COLUMNS: list[tuple[str, Cell]] = [("ACC", acc_cell), ("MB", memory_cell),
                                    ("paper", paper_cell), ("diff", diff_cell),
                                    ("protocol", protocol_cell)]
+# Table 1 also shows the accuracy without the task id, beside the headline Task-IL ACC.
+TABLE1_COLUMNS = COLUMNS[:1] + [("task-agnostic", agnostic_cell)] + COLUMNS[1:]
 
 
 def make_rows(groups: list[Group], variant: Variant) -> list[Row]:
@@ -342,11 +354,15 @@ def method_table_variant(model: str, spec: PaperTable) -> Variant:
     return lambda g: spec.row(g.protocol) if g.model == model else None
 
 
-def legend(rows: list[Row], most_seeds: int) -> list[str]:
+def legend(rows: list[Row], most_seeds: int, columns: list[tuple[str, Cell]]) -> list[str]:
     notes = ["ACC: final Task-IL accuracy (%), mean +- sample std over seeds; MB: memory in MB "
              "(2^20 bytes), mean over seeds; paper: Sun et al., CVPR 2023; diff: ACC - paper; "
              "protocol: how the runs differ from the paper's protocol (ours/paper), 'paper' "
              "where they do not."]
+    if any(cell is agnostic_cell for _, cell in columns):
+        notes.append("task-agnostic: final accuracy without the task id (Class-IL: the argmax "
+                     "over the heads of every task seen), mean +- std; '-' where a run "
+                     "predates its measurement.")
     if any(not g.comparable for row in rows for g in row.groups.values()):
         notes.append("diff n/a: the runs' protocol differs from the paper's in more than the "
                      "seed count, so the gap would measure the protocol, not the method.")
@@ -366,10 +382,10 @@ def build_tables(groups: list[Group], reference: dict, warnings: list[str]) -> l
     def table(name: str, title: str, header: str, rows: list[Row],
               columns: list[tuple[str, Cell]] = COLUMNS, notes: list[str] = ()) -> Table:
         return Table(name, title, header, columns, reference[name], rows,
-                     legend(rows, most) + [f"warning: {w}" for w in notes])
+                     legend(rows, most, columns) + [f"warning: {w}" for w in notes])
 
     tables = [table("table1", "Table 1: Task-IL accuracy after the last task", "method",
-                    make_rows(groups, method_variant), notes=warnings)]
+                    make_rows(groups, method_variant), TABLE1_COLUMNS, notes=warnings)]
     for name, model_cls in model_classes().items():
         for spec in model_cls.PAPER_TABLES:
             variant = method_table_variant(name, spec)
@@ -421,26 +437,33 @@ def to_latex(t: Table) -> str:
 
 # ---- long-format CSV -------------------------------------------------------------------------
 CSV_COLUMNS = ("model", "dataset", "row", "seed", "file", "task", "accuracy_final",
-               "accuracy_when_learned", "avg_accuracy_after_task", "memory_mb_after_task",
-               "final_acc", "bwt", "memory_mb")
+               "accuracy_when_learned", "task_agnostic_accuracy_final",
+               "avg_accuracy_after_task", "memory_mb_after_task", "final_acc",
+               "task_agnostic_final_acc", "bwt", "memory_mb")
 
 
 def csv_rows(groups: list[Group]) -> list[dict]:
     """One row per run and task, for people who plot in their own tools: the task's final
     accuracy and its accuracy right after it was learned, the average accuracy and memory
-    after it, and the run's summary (repeated on each of its rows)."""
+    after it, and the run's summary (repeated on each of its rows); task-agnostic figures are
+    empty for runs made before they were measured."""
     rows = []
     for g in groups:
         for path, run in zip(g.paths, g.runs):
             matrix, memory = run["accuracy_matrix"], run.get("memory_per_task_mb")
+            agnostic = run.get("task_agnostic")
             for task in range(len(matrix)):
                 rows.append({
                     "model": g.model, "dataset": g.dataset, "row": g.label, "seed": run["seed"],
                     "file": str(path), "task": task + 1,
                     "accuracy_final": matrix[-1][task], "accuracy_when_learned": matrix[task][task],
+                    "task_agnostic_accuracy_final":
+                        None if agnostic is None else agnostic["accuracy_matrix"][-1][task],
                     "avg_accuracy_after_task": run["avg_accuracy"][task],
                     "memory_mb_after_task": None if memory is None else memory[task],
-                    "final_acc": run["final_acc"], "bwt": run["bwt"],
+                    "final_acc": run["final_acc"],
+                    "task_agnostic_final_acc": None if agnostic is None else agnostic["final_acc"],
+                    "bwt": run["bwt"],
                     "memory_mb": run["memory"]["total_mb"]})
     return rows
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.args import OneLineErrorParser  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.validators import positive_int  # noqa: E402
+from utils.validators import non_negative_int, positive_int  # noqa: E402
 
 MAIN = Path(__file__).resolve().parent / "main.py"
 CONFIG_KEYS = {"models", "datasets", "seeds", "grid", "options", "results_dir"}
@@ -148,12 +148,26 @@ def import_submitit():
     return submitit
 
 
+def submitit_parameters(args: argparse.Namespace) -> dict:
+    """What each task of the job array asks the cluster for (submitit's update_parameters)."""
+    parameters = {"timeout_min": args.timeout_min, "cpus_per_task": args.threads}
+    if args.gpus_per_job:
+        parameters["gpus_per_node"] = args.gpus_per_job
+    if args.slurm_partition:
+        parameters["slurm_partition"] = args.slurm_partition
+    if args.array_parallelism:
+        parameters["slurm_array_parallelism"] = args.array_parallelism
+    return parameters
+
+
 def run_submitit(jobs: list[Job], args: argparse.Namespace) -> list[int]:
-    """One submitit job per sweep job (Slurm, or `--cluster local` for this machine)."""
+    """The sweep's jobs as one submitit job array (one Slurm array on a cluster, or
+    `--cluster local` for this machine), each task with --gpus_per_job GPUs."""
     executor = import_submitit().AutoExecutor(folder=args.submitit_dir, cluster=args.cluster)
-    slurm = {"slurm_partition": args.slurm_partition} if args.slurm_partition else {}
-    executor.update_parameters(timeout_min=args.timeout_min, cpus_per_task=args.threads, **slurm)
-    submitted = [executor.submit(run_job, job.command(args.threads), job.folder) for job in jobs]
+    executor.update_parameters(**submitit_parameters(args))
+    with executor.batch():
+        submitted = [executor.submit(run_job, job.command(args.threads), job.folder)
+                     for job in jobs]
     return [job.result() for job in submitted]
 
 
@@ -170,9 +184,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="submitit cluster (default: Slurm when available)")
     parser.add_argument("--slurm_partition", default=None)
     parser.add_argument("--timeout_min", type=positive_int, default=60, help="per job (submitit)")
+    parser.add_argument("--gpus_per_job", type=non_negative_int, default=0,
+                        help="GPUs each job of the array asks for (submitit; default 0)")
+    parser.add_argument("--array_parallelism", type=positive_int, default=None,
+                        help="most jobs of the array running at once (Slurm; default: the "
+                             "cluster's limit)")
     parser.add_argument("--submitit_dir", type=Path, default=Path("result/submitit"),
                         help="submitit's logs and job files")
-    parser.add_argument("--dry_run", action="store_true", help="print the commands to run")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print the commands to run (and, for submitit, what the job array "
+                             "asks for)")
     return parser.parse_args(argv)
 
 
@@ -187,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(jobs)} jobs, {len(jobs) - len(pending)} already done, "
               f"{len(pending)} to run")
         if args.dry_run:
+            if args.backend == "submitit":
+                asked = " ".join(f"{k}={v}" for k, v in submitit_parameters(args).items())
+                print(f"one submitit job array of {len(pending)} jobs, each: {asked}")
             print("\n".join(" ".join(job.command(args.threads)) for job in pending))
             return 0
         run_jobs = run_local if args.backend == "local" else run_submitit

@@ -1,4 +1,5 @@
-"""The Task-IL loop: learn each task, then evaluate every task seen so far with its task id."""
+"""The Task-IL loop: learn each task, then evaluate every task seen so far, with its task id
+(the headline) and without it (task-agnostic)."""
 from __future__ import annotations
 
 import time
@@ -14,34 +15,51 @@ from utils.metrics import summarize
 from utils.sizes import BYTES_PER_MB
 
 
+@dataclass
+class Accuracies:
+    """One evaluation's accuracy (%) on each task seen so far, predicted two ways: with the
+    task id given (Task-IL, the paper's protocol) and without it (task-agnostic, or Class-IL:
+    the argmax over the heads of every seen task)."""
+
+    task_il: list[float]
+    task_agnostic: list[float]
+
+
 def evaluate(model: ContinualModel, dataset: SequentialDataset, last_task: int,
-             ctx: TrainingContext) -> list[float]:
-    """Task-IL accuracy (%) on tasks 0..last_task, each predicted with its own task id."""
+             ctx: TrainingContext) -> Accuracies:
+    """Accuracy on tasks 0..last_task, each sample scored by every seen task's head once."""
     was_training = model.training
     model.eval()
-    accuracies = []
+    n_seen, k = last_task + 1, dataset.N_CLASSES_PER_TASK
+    counts = []
     with torch.inference_mode():
-        for task in range(last_task + 1):
+        for task in range(n_seen):
             data = dataset.test_data(task).to(ctx.device)
-            correct = torch.zeros((), dtype=torch.long, device=ctx.device)
+            correct = torch.zeros(2, dtype=torch.long, device=ctx.device)
             seen = 0
             for x, y, _ in iterate_batches(data, ctx.eval_batch_size, shuffle=False,
                                            augment=False, max_batches=ctx.max_batches,
                                            channels_last=ctx.channels_last):
                 with ctx.autocast():
-                    correct += (model.predict(x, task) == y).sum()
+                    logits = model.all_task_logits(x, n_seen)
+                own = logits[:, task * k:(task + 1) * k].argmax(1) == y
+                anywhere = logits.argmax(1) == task * k + y
+                correct += torch.stack([own.sum(), anywhere.sum()])
                 seen += len(y)
-            accuracies.append(100.0 * correct.item() / seen)
+            counts.append(correct.tolist() + [seen])
     model.train(was_training)
-    return accuracies
+    return Accuracies([100.0 * own / seen for own, _, seen in counts],
+                      [100.0 * anywhere / seen for _, anywhere, seen in counts])
 
 
 @dataclass
 class Progress:
-    """The tasks done so far: their rows of the accuracy matrix, the method's memory after
-    each and the wall time spent; empty for a fresh run, restored from a checkpoint on resume."""
+    """The tasks done so far: their rows of the Task-IL and task-agnostic accuracy matrices,
+    the method's memory after each and the wall time spent; empty for a fresh run, restored
+    from a checkpoint on resume."""
 
     matrix: list[list[float]] = field(default_factory=list)
+    agnostic_matrix: list[list[float]] = field(default_factory=list)
     memory_mb: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
 
@@ -67,7 +85,7 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
               after_task: Callable[[Progress], None] | None = None,
               budget_s: float | None = None) -> dict:
     """Learn the tasks in order from `progress.next_task`, calling `after_task` once each
-    is evaluated; returns the accuracy matrix, its metrics and phase times. With `budget_s`,
+    is evaluated; returns the accuracy matrices, their metrics and phase times. With `budget_s`,
     raises BudgetReached after a task (once `after_task` has run) when the next one, timed as
     the last, would end more than budget_s seconds after this call."""
     progress = progress or Progress()
@@ -82,18 +100,24 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
         model.fit_task(task, train, ctx)
         model.end_task(task, train, ctx)
         with ctx.phase("eval"):
-            row = evaluate(model, dataset, task, ctx)
+            accuracies = evaluate(model, dataset, task, ctx)
+        row, agnostic = accuracies.task_il, accuracies.task_agnostic
         progress.matrix.append(row)
+        progress.agnostic_matrix.append(agnostic)
         progress.memory_mb.append(sum(model.memory_breakdown().values()) / BYTES_PER_MB)
         progress.elapsed_s = time.perf_counter() - start
         times = " ".join(f"{k} {v:.1f}s" for k, v in ctx.phase_times[-1].items())
         log(f"{ctx.task_label}: avg acc {sum(row) / len(row):6.2f}  "
-            f"per task [{', '.join(f'{a:.1f}' for a in row)}]  {times}")
+            f"per task [{', '.join(f'{a:.1f}' for a in row)}]  "
+            f"task-agnostic {sum(agnostic) / len(agnostic):6.2f}  {times}")
+        ctx.emit("task", {"task": task, "task_il": row, "task_agnostic": agnostic,
+                          "phase_times": ctx.phase_times[-1]})
         if after_task is not None:
             after_task(progress)
         now = time.perf_counter()
         if (budget_s is not None and task + 1 < dataset.N_TASKS
                 and now + (now - task_start) > called + budget_s):
             raise BudgetReached(task + 1)
-    return {**summarize(progress.matrix), "memory_per_task_mb": progress.memory_mb,
+    return {**summarize(progress.matrix), "task_agnostic": summarize(progress.agnostic_matrix),
+            "memory_per_task_mb": progress.memory_mb,
             "phase_times": ctx.phase_times, "total_time_s": time.perf_counter() - start}

@@ -21,7 +21,7 @@ from utils.args import OneLineErrorParser, parse_args  # noqa: E402
 from utils.context import TrainingContext  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.setup import build, resolve_device, seed_everything  # noqa: E402
-from utils.training import evaluate  # noqa: E402
+from utils.training import Accuracies, evaluate  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -38,8 +38,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def evaluate_memory(path: Path, dataset_name: str, data_path: Path,
-                    device_name: str) -> list[float]:
-    """Task-IL accuracy (%) of every stored task, evaluated as the run that saved it did."""
+                    device_name: str) -> Accuracies:
+    """Task-IL and task-agnostic accuracy (%) of every stored task, evaluated as the run that
+    saved it did."""
     device = resolve_device(device_name)
     saved = load_memory(path, device)
     if saved["dataset"] != dataset_name:
@@ -68,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{opts.memory}: {len(accuracies)} tasks of {opts.dataset}, Task-IL accuracy")
-    for task, accuracy in enumerate(accuracies):
-        print(f"task {task + 1}: {accuracy:.2f}")
-    print(f"average: {sum(accuracies) / len(accuracies):.2f}")
+    task_il, agnostic = accuracies.task_il, accuracies.task_agnostic
+    print(f"{opts.memory}: {len(task_il)} tasks of {opts.dataset}, accuracy with the task id "
+          "(Task-IL) and without it (task-agnostic)")
+    for task, (own, anywhere) in enumerate(zip(task_il, agnostic)):
+        print(f"task {task + 1}: {own:.2f}  {anywhere:.2f}")
+    print(f"average: {sum(task_il) / len(task_il):.2f}  {sum(agnostic) / len(agnostic):.2f}")
     return 0
 
 

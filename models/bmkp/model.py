@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from backbone import REDUCED_RESNET18
 from backbone.contract import TaskNetwork
 from torch.func import functional_call
 
@@ -61,7 +62,7 @@ OFFICIAL_EVAL_BATCH = 128
 class BMKP(ContinualModel):
     NAME = "bmkp"
     DEFAULTS = {"per_task_bn": 1, "lr_step": 45}
-    PAPER_NF = 20  # the reduced ResNet-18 of GPM, as the paper and its code
+    PAPER_NETWORK = REDUCED_RESNET18  # the reduced ResNet-18 of GPM, as the paper and its code
     IMPLIED_OPTIONS = {"compat": ("shortcut", "head_bias", "bn_running_stats", "eval_batch_size")}
     PAPER_TABLES = PAPER_TABLES
     # The paper's runs (reference doc, "Hyperparameters of the paper's runs").
