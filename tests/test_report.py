@@ -267,6 +267,10 @@ def test_figures_are_written(tmp_path, capsys, results):
     assert not (img / "seq-cifar100_memory.png").exists()
     assert ("note: seq-cifar100: no memory_per_task_mb in the runs of sgd; memory figure "
             "skipped") in out
+    assert main([str(results), "--out", str(tmp_path / "out2"), "--img_dir",
+                 str(tmp_path / "img2"), "--heatmaps", "0"]) == 0
+    assert "heatmaps" not in capsys.readouterr().out and not (tmp_path / "img2" / "runs").exists()
+    assert _is_png(tmp_path / "img2" / "seq-cifar10_acc_vs_memory.png")
 
 
 def test_reference_file_holds_the_papers_tables():

@@ -37,6 +37,7 @@ from utils.figures import (accuracy_heatmap, accuracy_memory, method_styles,  # 
                            task_curves)
 from utils.results import write_atomic  # noqa: E402
 from utils.tables import PaperTable  # noqa: E402
+from utils.validators import switch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "result" / "reference" / "bmkp_paper.json"
@@ -535,6 +536,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="folder for table1.md/.tex, ... (default result/report)")
     parser.add_argument("--img_dir", type=Path, default=Path("img"),
                         help="folder for the figures (default img/)")
+    parser.add_argument("--heatmaps", type=switch, default=1,
+                        help="0: no per-run accuracy-matrix heatmaps (<img_dir>/runs/), only "
+                             "the comparison figures")
     parser.add_argument("--reference", type=Path, default=REFERENCE,
                         help="the paper's numbers (default: result/reference/bmkp_paper.json)")
     return parser.parse_args(argv)
@@ -562,10 +566,12 @@ def report(opts: argparse.Namespace, warn: Callable[[str], None],
     written.append(opts.out / "runs.csv")
     write_atomic(written[-1], to_csv(csv_rows(groups)))
     written += draw_curves(groups, opts.img_dir, note)
-    heatmaps = opts.img_dir / "runs"
-    count = draw_heatmaps(groups, heatmaps)
-    return [f"wrote {path}" for path in written] + [
-        f"wrote {count} accuracy-matrix heatmaps (one per run) to {heatmaps}"]
+    lines = [f"wrote {path}" for path in written]
+    if opts.heatmaps:
+        heatmaps = opts.img_dir / "runs"
+        count = draw_heatmaps(groups, heatmaps)
+        lines.append(f"wrote {count} accuracy-matrix heatmaps (one per run) to {heatmaps}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
