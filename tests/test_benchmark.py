@@ -1,6 +1,9 @@
 """The benchmark runs end to end on small settings and reports every figure it promises."""
 import json
 
+import pytest
+
+from models import model_classes
 from utils.benchmark import main
 
 
@@ -26,3 +29,16 @@ def test_benchmark_of_a_method_without_projection(tmp_path):
     assert report["data"] == "random" and "projection" not in report["end_of_task_s"]
     assert report["train_images_per_s"] > 0
     assert report["end_of_task_s"]["end_task"] > 0  # the Fisher
+
+
+@pytest.mark.parametrize("model", sorted(model_classes()))
+def test_benchmark_times_every_method_through_its_own_training_step(model, tmp_path):
+    """Replay methods take the raw images too, DGR trains through its own step: the benchmark
+    times each method's fit_task, so it runs for every registered method."""
+    out = tmp_path / "bench.json"
+    synthesis = ["--synthesis_iterations", "2"] if model == "deep_inversion" else []
+    assert main(["--model", model, "--dataset", "seq-synthetic", "--nf", "4", "--batch_size",
+                 "16", "--steps", "2", "--num_threads", "1", "--out", str(out), *synthesis]) == 0
+    report = json.loads(out.read_text())
+    assert report["setup"]["model"] == model
+    assert report["train_ms_per_batch"] > 0 and report["bound_ms_per_batch"] > 0

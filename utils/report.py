@@ -278,6 +278,11 @@ def _ref_text(ref: dict) -> str:
     return f"{ref['mean']:.2f}" + ("" if ref.get("std") is None else f" +- {ref['std']:.2f}")
 
 
+def mean_spread(stat: dict, n_runs: int) -> str:
+    """The mean, with its std when there is more than one run (one run has no spread)."""
+    return f"{stat['mean']:.2f}" + ("" if n_runs == 1 else f" +- {stat['std']:.2f}")
+
+
 def acc_cell(g: Group | None, ref: dict | None) -> str:
     if g is None:
         return "-"
@@ -286,15 +291,14 @@ def acc_cell(g: Group | None, ref: dict | None) -> str:
     if n != seeds:
         count = f"{n} runs, {count}"
     flags = "".join(f" [{f}]" for f in g.flags)
-    spread = "" if n == 1 else f" +- {acc['std']:.2f}"  # one run has no spread to show
-    return f"{acc['mean']:.2f}{spread} ({count}){flags}"
+    return f"{mean_spread(acc, n)} ({count}){flags}"
 
 
 def agnostic_cell(g: Group | None, ref: dict | None) -> str:
     acc = None if g is None else g.stats["task_agnostic_final_acc"]
     if acc is None:  # no runs, or runs made before task-agnostic accuracy was measured
         return "-"
-    return f"{acc['mean']:.2f}" + ("" if len(g.runs) == 1 else f" +- {acc['std']:.2f}")
+    return mean_spread(acc, len(g.runs))
 
 
 def memory_cell(g: Group | None, ref: dict | None) -> str:
