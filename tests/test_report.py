@@ -297,3 +297,20 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, results):
                                          "--reference", str(bad_reference)],
                           "not in the bmkp_paper.json format")
     assert not (tmp_path / "o").exists()
+
+
+def test_every_paper_table1_row_runs_here_and_meets_its_published_number(tmp_path, capsys):
+    """Each method of the paper's Table 1 (CF-IL's row is quoted from its own paper) is a
+    registered method, and a run of it lands beside the published number."""
+    table1 = json.loads(REFERENCE.read_text())["table1"]
+    assert set(table1) <= set(model_classes())
+    newer = ("hal", "clser", "lwm", "pass", "deep_inversion", "dgr", "fas")
+    folder = tmp_path / "result"
+    for model in newer:
+        write_run(folder, model, "seq-cifar10", 0, [80.0, 80.0], 40.0, n_epochs=5)
+    run_report(tmp_path, capsys, folder)
+    rows = table_rows((tmp_path / "out" / "table1.md").read_text())
+    for model in newer:
+        paper = table1[model]["seq-cifar10"]
+        assert rows[model][3] == f"{paper['mean']:.2f} +- {paper['std']:.2f}", model
+        assert rows[model][4] == "n/a", model  # 5 of 50 epochs: no difference is shown
