@@ -6,23 +6,27 @@ step adds e_lambda * sum_i F_i (theta_i - anchor_i)^2 to the loss. F_task is mam
 estimator: each sample's squared gradient of the log-likelihood of its true label, weighted
 by that label's probability p(y|x), then averaged (misclassified samples have the largest
 gradients; the weighting keeps them from dominating). The penalty has no 1/2 factor, as in
-mammoth. Mammoth tuned its published lr and e_lambda (0.03, 10 on Seq-CIFAR-10) on its own
-ResNet-18 (width 64); on the reduced ResNet-18 (width 20) at 5 epochs per task they diverged
-here: at task 2 with the unweighted Fisher, at task 3 with this one (SGD on the penalty is
-stable only while lr * 2 * e_lambda * F_i < 2). With e_lambda 3 and 1 (lr 0.03, seed 0) all
-five tasks ran, ending at ACC 62.2 and 55.1 (result/cpu_budget/). The best configuration
-keeps the published 10 and, like mammoth, the standard ResNet-18 (nf 64); pass --e_lambda 3
-on the reduced network.
+mammoth.
+
+Two ways to estimate it (--fisher_mode). `exact` (the default): the network as it is
+evaluated, in eval mode (BatchNorm with its running statistics, which the pass leaves
+untouched; with --bn_running_stats 0, the batch's), on the un-augmented training images.
+`mammoth`: mammoth's own pass, which its published lr and e_lambda were tuned with: the
+network stays in training mode, so each batch of --fisher_batch_size images (one in mammoth)
+is normalised by BatchNorm with its own statistics, and those passes move the running
+statistics as they do in mammoth; the images are the shuffled, augmented training batches.
+Normalising one image with its own statistics damps the gradients: on the standard ResNet-18
+after a CIFAR-10 task the largest Fisher entry was about 4,000 times smaller than the exact
+one, so mammoth's e_lambda means something else under each mode. SGD on the penalty is stable
+only while lr * 2 * e_lambda * F_i < 2; with the exact Fisher, mammoth's lr 0.03 and e_lambda 10
+break that bound. `--model_config best` therefore runs mammoth's values with mammoth's mode.
 
 Only shared parameters are anchored (see models/penalty.py): in Task-IL a task's own head
 never moves after the task, so its Fisher would weigh a difference that is always zero.
 
-The Fisher uses the un-augmented training images in eval mode (BatchNorm with its running
-statistics, which the pass leaves untouched; with --bn_running_stats 0, the batch's). With
---fisher_batch_size 1 (the default) each sample's gradient is squared: the exact empirical
-Fisher. On CPU that is one backward pass per sample (vmap gains little there: 0.8x to 1.3x by
+With --fisher_batch_size 1 (the default) each sample's gradient is squared. On CPU that is one backward pass per sample (vmap gains little there: 0.8x to 1.3x by
 chunk size, 128 CIFAR images, one thread). On CUDA such a loop is bound by kernel launches (6.5
-ms per image on an H200), so torch.func.vmap computes the per-sample gradients of VMAP_CHUNK
+ms per image on an H200), so in the exact mode torch.func.vmap computes the per-sample gradients of VMAP_CHUNK
 images at once: 2,048 CIFAR images took 0.89 s instead of 13.4 s there, the two agreeing to
 2e-3 relative (6e-5 on CPU; cuDNN's convolutions round to TF32 by default). Those timings are
 of a version that let autograd record the accumulation (peak allocation 8 to 32 GiB); it now
@@ -54,8 +58,10 @@ class EwcOn(PenaltyModel):
     # mammoth's published best arguments for Task-/Class-IL without a buffer
     # (aimagelab/mammoth, utils/best_args.py, best_args[dataset]['ewc_on'][-1]).
     BEST_CONFIGS = {
-        "seq-cifar10": dict(lr=0.03, e_lambda=10.0, gamma=1.0, batch_size=32, n_epochs=50),
-        "seq-tinyimg": dict(lr=0.03, e_lambda=25.0, gamma=1.0, batch_size=32, n_epochs=100),
+        "seq-cifar10": dict(lr=0.03, e_lambda=10.0, gamma=1.0, batch_size=32, n_epochs=50,
+                            fisher_mode="mammoth"),
+        "seq-tinyimg": dict(lr=0.03, e_lambda=25.0, gamma=1.0, batch_size=32, n_epochs=100,
+                            fisher_mode="mammoth"),
     }
 
     @staticmethod
@@ -68,6 +74,10 @@ class EwcOn(PenaltyModel):
                             help="images per gradient of the Fisher estimate (1: exact "
                                  "per-sample empirical Fisher; larger: fewer passes, an "
                                  "approximation that is exact when the mean gradient is 0)")
+        parser.add_argument("--fisher_mode", choices=("exact", "mammoth"), default="exact",
+                            help="exact: eval mode on un-augmented images; mammoth: mammoth's "
+                                 "pass (training-mode BatchNorm on augmented batches), which "
+                                 "its published e_lambda assumes")
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(self.net(x, task), y) + self.args.e_lambda * self.penalty()
@@ -81,22 +91,24 @@ class EwcOn(PenaltyModel):
     def fisher(self, task: int, data: TaskData, ctx: TrainingContext) -> list[torch.Tensor]:
         """Diagonal empirical Fisher of the shared parameters on `data` (one task's images)."""
         was_training = self.training
-        self.eval()
+        mammoth = self.args.fisher_mode == "mammoth"
+        self.train(mammoth)
         try:
-            if self.args.fisher_batch_size == 1 and ctx.device.type == "cuda":
+            if self.args.fisher_batch_size == 1 and ctx.device.type == "cuda" and not mammoth:
                 return self._vmapped_fisher(task, data, ctx)
-            return self._looped_fisher(task, data, ctx)
+            return self._looped_fisher(task, data, ctx, training_batches=mammoth)
         finally:
             self.train(was_training)
 
-    def _looped_fisher(self, task: int, data: TaskData,
-                       ctx: TrainingContext) -> list[torch.Tensor]:
-        """One backward pass per batch of --fisher_batch_size samples."""
+    def _looped_fisher(self, task: int, data: TaskData, ctx: TrainingContext,
+                       training_batches: bool = False) -> list[torch.Tensor]:
+        """One backward pass per batch of --fisher_batch_size samples; `training_batches`:
+        shuffled and augmented, as mammoth's training loader gives them."""
         params = self.penalty.params
         fisher = [torch.zeros_like(p) for p in params]
         seen = 0
         for x, y, _ in ctx.batches(data, "fisher", batch_size=self.args.fisher_batch_size,
-                                   shuffle=False, augment=False):
+                                   shuffle=training_batches, augment=training_batches):
             with ctx.autocast():
                 log_likelihood = -F.cross_entropy(self.net(x, task), y, reduction="sum")
             grads = torch.autograd.grad(log_likelihood, params)

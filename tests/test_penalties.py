@@ -119,6 +119,40 @@ def test_batched_fisher_of_one_batch_is_the_squared_summed_gradient(synthetic_ar
         torch.testing.assert_close(f, weight * g.pow(2) / 4)
 
 
+def test_mammoths_fisher_is_taken_in_training_mode_on_its_training_batches(synthetic_args):
+    """--fisher_mode mammoth: each augmented, shuffled image normalised by BatchNorm with its
+    own statistics (the running ones move, as in mammoth); the exact mode's running-statistics
+    Fisher is another quantity. --model_config best pairs mammoth's e_lambda with its mode."""
+    dataset, method = build_on_cpu(synthetic_args, "ewc_on", "--fisher_mode", "mammoth")
+    data = dataset.train_data(0).subset(torch.arange(6))
+    ctx = cpu_context()
+    _perturb(method.net)
+    params = list(method.net.shared_parameters().values())
+    torch.manual_seed(3)
+    batches = [(x, y) for x, y, _ in ctx.batches(data, "fisher", batch_size=1)]
+    method.net.train()
+    expected = [torch.zeros_like(p) for p in params]
+    for x, y in batches:
+        log_p = F.log_softmax(method.net(x, 0), dim=1)[0, y[0]]
+        for f, g in zip(expected, torch.autograd.grad(log_p, params)):
+            f += log_p.detach().exp() * g.pow(2) / len(batches)
+    bn = next(m for m in method.net.modules() if isinstance(m, nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    method.eval()
+    torch.manual_seed(3)
+    fisher = method.fisher(0, data, ctx)
+    assert not method.training  # the mode it was called in
+    assert not torch.equal(bn.running_mean, before)  # mammoth's pass moves them
+    for f, e in zip(fisher, expected):
+        torch.testing.assert_close(f, e)
+    exact = build_on_cpu(synthetic_args, "ewc_on")[1]
+    exact.load_state_dict(method.state_dict())
+    assert any(not torch.allclose(f, e) for f, e in zip(fisher, exact.fisher(0, data, ctx)))
+    best = parse_args(["--model", "ewc_on", "--dataset", "seq-cifar10", "--model_config",
+                       "best"])
+    assert (best.fisher_mode, best.e_lambda) == ("mammoth", 10.0)
+
+
 def test_si_importance_of_one_plain_sgd_step(synthetic_args):
     """One step of momentum-free SGD moves each weight by -lr * g, so omega = lr * g^2 >= 0 and
     the importance is lr * g^2 / ((lr * g)^2 + xi)."""
