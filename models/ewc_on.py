@@ -24,9 +24,10 @@ break that bound. `--model_config best` therefore runs mammoth's values with mam
 Only shared parameters are anchored (see models/penalty.py): in Task-IL a task's own head
 never moves after the task, so its Fisher would weigh a difference that is always zero.
 
-With --fisher_batch_size 1 (the default) each sample's gradient is squared. On CPU that is one backward pass per sample (vmap gains little there: 0.8x to 1.3x by
-chunk size, 128 CIFAR images, one thread). On CUDA such a loop is bound by kernel launches (6.5
-ms per image on an H200), so in the exact mode torch.func.vmap computes the per-sample gradients of VMAP_CHUNK
+With --fisher_batch_size 1 (the default) each sample's gradient is squared. On CPU that is one
+backward pass per sample (vmap gains little there: 0.8x to 1.3x by chunk size, 128 CIFAR
+images, one thread). On CUDA such a loop is bound by kernel launches (6.5 ms per image on an
+H200), so in the exact mode torch.func.vmap computes the per-sample gradients of VMAP_CHUNK
 images at once: 2,048 CIFAR images took 0.89 s instead of 13.4 s there, the two agreeing to
 2e-3 relative (6e-5 on CPU; cuDNN's convolutions round to TF32 by default). Those timings are
 of a version that let autograd record the accumulation (peak allocation 8 to 32 GiB); it now
