@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,6 +36,41 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     """A copy of `module` that neither trains nor moves its BatchNorm statistics (a teacher
     such as LwF's old network); name its attribute in FROZEN_COPIES to keep it in eval mode."""
     return copy.deepcopy(module).eval().requires_grad_(False)
+
+
+def tracked_norms(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of `net` that keep running statistics."""
+    return [m for m in net.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def exact_bn_statistics(norms: Sequence[nn.modules.batchnorm._BatchNorm],
+                        forward: Callable[[torch.Tensor], object],
+                        batches: Iterable[tuple[torch.Tensor, ...]]) -> None:
+    """Replace the running statistics of `norms` by their cumulative average (momentum None)
+    over one no-grad pass, forward(x) for every batch, with `norms` in training mode.
+
+    Running statistics are a moving average over steps taken while the weights moved, so they
+    need not describe the final weights: a task can lose tens of points to them. Layers the
+    pass never reaches (another task's BatchNorm set) keep theirs."""
+    saved = [(m.training, m.momentum, {k: v.clone() for k, v in m.state_dict().items()})
+             for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    completed = False
+    try:
+        with torch.no_grad():
+            for x, *_ in batches:
+                forward(x)
+        completed = True
+    finally:
+        for m, (training, momentum, state) in zip(norms, saved):
+            m.train(training)
+            m.momentum = momentum
+            if not (completed and m.num_batches_tracked):
+                m.load_state_dict(state)
 
 
 class ContinualModel(nn.Module):
@@ -70,6 +105,9 @@ class ContinualModel(nn.Module):
 
     def __init__(self, net: TaskNetwork, dataset: SequentialDataset,
                  args: argparse.Namespace) -> None:
+        if args.exact_bn_stats and not args.bn_running_stats:
+            raise UserError("--exact_bn_stats 1 replaces BatchNorm running statistics, which "
+                            "--bn_running_stats 0 does not keep; drop one of them")
         if self.SHARED_BN_REASON and args.per_task_bn:
             raise UserError(f"{self.NAME} {self.SHARED_BN_REASON}, so it cannot use per-task "
                             "BatchNorm; drop --per_task_bn 1")
@@ -149,6 +187,16 @@ class ContinualModel(nn.Module):
 
     def end_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         """Called after fit_task, before evaluation."""
+
+    def store_exact_bn_statistics(self, task: int, data: TaskData,
+                                  ctx: TrainingContext) -> None:
+        """--exact_bn_stats 1, after fit_task: the predicting network's running BatchNorm
+        statistics become the exact ones of its final weights, over the task's training
+        batches augmented as in training (see exact_bn_statistics). Replay methods trained on
+        batches that also held buffer samples; this pass sees the task's data alone."""
+        with ctx.phase("bn_statistics"):
+            exact_bn_statistics(tracked_norms(self.predictor()), lambda x: self(x, task),
+                                ctx.batches(data, "BN statistics", equal_sizes=True))
 
     def train_epochs(self, data: TaskData, ctx: TrainingContext, n_epochs: int,
                      step: Callable[..., torch.Tensor], task: int | None,

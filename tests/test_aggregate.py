@@ -66,10 +66,11 @@ def test_shared_config_protocol_and_differing_keys():
          "device": "cpu", "debug_mode": 0}
     b = {**a, "seed": 1, "save_memory": "m-seed1.pt", "nf": 8, "device": "cuda"}
     assert shared_config([a, b]) == {"lr": 0.1, "debug_mode": 0}  # nf and device differ
-    # a run made before --shortcut, --head_bias and --feature_pool existed used identity
-    # shortcuts, biases and the 2x2 grid
+    # a run made before --shortcut, --head_bias, --feature_pool and --exact_bn_stats existed
+    # used identity shortcuts, biases, the 2x2 grid and the running BatchNorm statistics
     assert protocol(a) == {"lr": 0.1, "nf": 4, "debug_mode": 0, "shortcut": "identity",
-                           "head_bias": 1, "feature_pool": "grid"}
+                           "head_bias": 1, "feature_pool": "grid", "exact_bn_stats": 0}
+    assert protocol(a) != protocol({**a, "exact_bn_stats": 1})
     assert protocol(a) != protocol({**a, "feature_pool": "global"})
     assert protocol(a) == protocol({**a, "shortcut": "identity"})
     assert protocol(a) != protocol({**a, "shortcut": "none"})

@@ -239,3 +239,65 @@ def test_deterministic_switch_sets_and_clears_torch_flags():
     finally:
         set_deterministic(False)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def _stem_statistics(conv: nn.Conv2d, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stem BatchNorm's statistics over `batches`, computed by hand: the mean over
+    batches of each batch's channel mean and unbiased variance (a cumulative average)."""
+    means, variances = [], []
+    with torch.no_grad():
+        for x, _, _ in batches:
+            z = conv(x).transpose(0, 1).flatten(1)
+            means.append(z.mean(1))
+            variances.append(z.var(1))
+    return torch.stack(means).mean(0), torch.stack(variances).mean(0)
+
+
+@pytest.mark.parametrize("model", ["sgd", "clser"])
+def test_exact_bn_stats_are_the_statistics_of_the_predictors_final_weights(
+        synthetic_args, model):
+    """--exact_bn_stats 1: after fit_task, one cumulative pass gives the predicting network
+    (CLS-ER's stable memory) the statistics of its final weights on the task's augmented
+    training batches; the working network of CLS-ER keeps its moving average."""
+    dataset, method = build_on_cpu(synthetic_args, model, "--exact_bn_stats", "1")
+    ctx = cpu_context()
+    data = dataset.train_data(0)
+    method.begin_task(0, data)
+    method.fit_task(0, data, ctx)
+    working_before = method.net.bn1.sets[0].running_mean.clone()
+    torch.manual_seed(7)
+    method.store_exact_bn_statistics(0, data, ctx)
+    torch.manual_seed(7)  # the same augmented batches, recomputed independently
+    predictor = method.predictor()
+    mean, var = _stem_statistics(predictor.conv1, ctx.batches(data, "check", equal_sizes=True))
+    stem_bn = predictor.bn1.sets[0]
+    torch.testing.assert_close(stem_bn.running_mean, mean)
+    torch.testing.assert_close(stem_bn.running_var, var)
+    assert stem_bn.momentum == 0.1 and stem_bn.training  # restored after the pass
+    assert "bn_statistics" in ctx.phase_times[-1]
+    if model == "clser":
+        assert torch.equal(method.net.bn1.sets[0].running_mean, working_before)
+
+
+def test_exact_bn_stats_leave_other_tasks_batchnorm_sets_alone(synthetic_args):
+    dataset, method = build_on_cpu(synthetic_args, "sgd", "--exact_bn_stats", "1",
+                                   "--per_task_bn", "1")
+    ctx = cpu_context()
+    data = dataset.train_data(1)
+    other = {k: v.clone() for k, v in method.net.bn1.sets[0].state_dict().items()}
+    method.store_exact_bn_statistics(1, data, ctx)
+    assert int(method.net.bn1.sets[1].num_batches_tracked) == -(-len(data) // ctx.batch_size)
+    for key, value in method.net.bn1.sets[0].state_dict().items():
+        assert torch.equal(value, other[key]), key
+
+
+def test_run_with_exact_bn_stats_times_the_pass_and_records_the_option(tmp_path, capsys):
+    result, _ = run_synthetic(tmp_path, capsys, "--exact_bn_stats", "1", "--n_epochs", "1")
+    assert result["config"]["exact_bn_stats"] == 1
+    assert all("bn_statistics" in phases for phases in result["phase_times"])
+
+
+def test_exact_bn_stats_without_running_statistics_is_refused(tmp_path, capsys):
+    assert_one_line_error(capsys, main, synthetic_argv(tmp_path, "--exact_bn_stats", "1",
+                                                       "--bn_running_stats", "0"),
+                          "--exact_bn_stats 1", "drop one of them")

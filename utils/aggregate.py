@@ -19,7 +19,8 @@ NON_PROTOCOL_KEYS = RUN_KEYS + ("data_path", "device", "num_threads", "channels_
                                 "model_config")
 # Options added after results were written, with the behaviour of the runs made before them,
 # so such older runs share a protocol with newer ones that use that behaviour.
-OPTIONS_ADDED_LATER = {"shortcut": "identity", "head_bias": 1, "feature_pool": "grid"}
+OPTIONS_ADDED_LATER = {"shortcut": "identity", "head_bias": 1, "feature_pool": "grid",
+                       "exact_bn_stats": 0}
 METHOD_OPTIONS_ADDED_LATER = {"bmkp": {"energy": "sigma2", "projection_bn": "running"},
                               "ewc_on": {"fisher_mode": "exact"}}
 DATASET_OPTIONS_ADDED_LATER = {"seq-cifar10": {"normalize_inputs": 0},

@@ -108,6 +108,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                      help="1: one BatchNorm set per task, selected by the task id")
     net.add_argument("--bn_running_stats", type=switch, default=1,
                      help="0: BatchNorm always normalises with the batch's statistics")
+    net.add_argument("--exact_bn_stats", type=switch, default=0,
+                     help="1: after each task's training, replace the running BatchNorm "
+                          "statistics of the predicting network by the exact ones of its "
+                          "final weights (one no-grad pass over the task's training batches); "
+                          "0: keep the moving average training left, as mammoth does")
 
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")

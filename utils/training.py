@@ -98,6 +98,8 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
         train = dataset.train_data(task).to(ctx.device)
         model.begin_task(task, train)
         model.fit_task(task, train, ctx)
+        if model.args.exact_bn_stats:
+            model.store_exact_bn_statistics(task, train, ctx)
         model.end_task(task, train, ctx)
         with ctx.phase("eval"):
             accuracies = evaluate(model, dataset, task, ctx)

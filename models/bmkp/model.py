@@ -47,7 +47,7 @@ from models.bmkp.long_term_memory import LongTermMemory
 from models.bmkp.memory_file import check_writable, per_seed_path, save_memory
 from models.bmkp.regularizer import VARIANTS, compaction_loss
 from models.bmkp.tables import PAPER_TABLES
-from models.continual_model import ContinualModel
+from models.continual_model import ContinualModel, exact_bn_statistics
 from utils.context import TrainingContext
 from utils.errors import UserError
 from utils.sizes import network_bytes
@@ -237,30 +237,22 @@ class BMKP(ContinualModel):
 
     def _recompute_bn_statistics(self, task: int, data: TaskData, ctx: TrainingContext,
                                  coefficients: dict[str, torch.Tensor]) -> None:
-        """Give the task's BatchNorm set the exact statistics of the weights being stored.
-
-        Its running statistics are a moving average over steps taken while the weights
-        moved, so they need not describe the final ones (a stored task could score at chance
-        with them and near 100% with exact ones). One no-grad pass over the task's training
-        batches, augmented as in training, with the recomposed weights and a cumulative
-        average (momentum None) replaces them."""
+        """Give the task's BatchNorm set the exact statistics of the weights being stored
+        (exact_bn_statistics), over its training batches augmented as in training."""
         bn_layers = [m for m in self.net.task_modules(task).values()
                      if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
         if not bn_layers:
             return
-        momenta = [m.momentum for m in bn_layers]
-        for m in bn_layers:
-            m.reset_running_stats()
-            m.momentum = None
         weights = self.memory.weights_from(coefficients)
-        self.net.train()
-        try:
-            with torch.no_grad():
-                for x, _, _ in ctx.batches(data, "BN statistics", equal_sizes=True):
-                    functional_call(self.net, weights, (x, task))
-        finally:
-            for m, momentum in zip(bn_layers, momenta):
-                m.momentum = momentum
+        exact_bn_statistics(bn_layers, lambda x: functional_call(self.net, weights, (x, task)),
+                            ctx.batches(data, "BN statistics", equal_sizes=True))
+
+    def store_exact_bn_statistics(self, task: int, data: TaskData,
+                                  ctx: TrainingContext) -> None:
+        """Paper mode stored the exact statistics in fit_task already; official mode (the
+        reference's running statistics) gets them here only when asked."""
+        if self.args.compat != "paper":
+            super().store_exact_bn_statistics(task, data, ctx)
 
     def _official_later_retraining(self, task: int, data: TaskData, ctx: TrainingContext,
                                    coefficients: dict[str, torch.Tensor]) -> None:
