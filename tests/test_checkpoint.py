@@ -28,7 +28,7 @@ from models.sgd import Sgd
 from models.si import Si
 from models.wsn import WSN
 from utils.main import main
-from utils.results import epoch_log_path
+from utils.results import epoch_log_path, text_log_path
 
 N_TASKS = SequentialSynthetic.N_TASKS
 KILLED_TASK = 3
@@ -146,3 +146,25 @@ def test_resume_with_other_options_is_a_user_error(tmp_path, capsys, monkeypatch
     # Where the results go or how many threads run is not part of the experiment.
     changed = argv + ["--lr", "0.01", "--resume", "--num_threads", "2"]
     assert_one_line_error(capsys, main, changed, "other options (lr)", "drop --resume")
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes(tmp_path, capsys, monkeypatch):
+    """A checkpoint written before --exact_bn_stats existed lacks it; resuming it with the
+    option at its earlier behaviour (0) continues the run instead of refusing it."""
+    checkpoints = tmp_path / "checkpoints"
+    argv = synthetic_argv(tmp_path / "results", "--n_epochs", "1", "--checkpoint_dir",
+                          str(checkpoints))
+    with monkeypatch.context() as patch:
+        _kill_in_the_middle_of(patch, Sgd, killed := 1)
+        assert main(argv) == 130
+    (path,) = checkpoints.glob("*.pt")
+    state = torch.load(path, weights_only=True)
+    del state["protocol"]["exact_bn_stats"]
+    torch.save(state, path)
+    capsys.readouterr()
+    changed = argv + ["--resume", "--exact_bn_stats", "1"]
+    assert_one_line_error(capsys, main, changed, "other options (exact_bn_stats)")
+    assert main(argv + ["--resume"]) == 0
+    (result,) = (tmp_path / "results").rglob("*.json")
+    assert f"resuming from {path} at task {killed + 1}" in text_log_path(result).read_text()
+    assert len(json.loads(result.read_text())["accuracy_matrix"]) == N_TASKS

@@ -68,7 +68,9 @@ def load_checkpoint(path: Path, args: argparse.Namespace, model: ContinualModel,
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint {path}; run without --resume to start")
     state = torch.load(path, map_location=ctx.device, weights_only=True)
-    differing = differing_keys([state["protocol"], _protocol(args)])
+    # protocol() fills in the options added since the checkpoint was written, at the value
+    # that reproduces what ran before them, so an older checkpoint still resumes.
+    differing = differing_keys([protocol(state["protocol"]), _protocol(args)])
     if differing:
         raise UserError(f"--resume: {path} was made with other options ({', '.join(differing)}); "
                         "use the same options or drop --resume to start again")
