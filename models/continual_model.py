@@ -106,6 +106,11 @@ class ContinualModel(nn.Module):
     def __init__(self, net: TaskNetwork, dataset: SequentialDataset,
                  args: argparse.Namespace) -> None:
         if args.exact_bn_stats and not args.bn_running_stats:
+            if self.DEFAULTS.get("bn_running_stats") == 0:
+                raise UserError(f"--exact_bn_stats 1 replaces BatchNorm running statistics, but "
+                                f"{self.NAME} evaluates with batch statistics by default "
+                                "(--bn_running_stats 0); drop --exact_bn_stats 1 or add "
+                                "--bn_running_stats 1")
             raise UserError("--exact_bn_stats 1 replaces BatchNorm running statistics, which "
                             "--bn_running_stats 0 does not keep; drop one of them")
         if self.SHARED_BN_REASON and args.per_task_bn:

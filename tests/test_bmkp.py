@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from backbone import build_backbone
+from datasets.seq_cifar10 import SequentialCIFAR10
 from datasets.seq_synthetic import SequentialSynthetic
 from models.bmkp import BMKP
 from models.bmkp.long_term_memory import LongTermMemory
@@ -142,6 +143,15 @@ def test_official_mode_keeps_the_reference_energy_projection_and_inputs(dataset,
                        *option])
     with pytest.raises(UserError, match="--compat official keeps the reference's energy"):
         BMKP.configure(args, SequentialSynthetic)
+
+
+def test_official_mode_on_cifar_refuses_exact_bn_statistics():
+    """The reference evaluates CIFAR with batch statistics, so --compat official keeps no
+    running statistics there for --exact_bn_stats to replace."""
+    args = parse_args(["--model", "bmkp", "--dataset", "seq-cifar10", "--compat", "official",
+                       "--exact_bn_stats", "1"])
+    with pytest.raises(UserError, match="--compat official evaluates seq-cifar10 with batch"):
+        BMKP.configure(args, SequentialCIFAR10)
 
 
 @pytest.mark.slow

@@ -301,3 +301,8 @@ def test_exact_bn_stats_without_running_statistics_is_refused(tmp_path, capsys):
     assert_one_line_error(capsys, main, synthetic_argv(tmp_path, "--exact_bn_stats", "1",
                                                        "--bn_running_stats", "0"),
                           "--exact_bn_stats 1", "drop one of them")
+    # Where the batch statistics are the method's choice, the error says so.
+    assert_one_line_error(capsys, main, synthetic_argv(tmp_path, "--exact_bn_stats", "1",
+                                                       model="gpm"),
+                          "gpm evaluates with batch statistics by default",
+                          "add --bn_running_stats 1")

@@ -124,6 +124,11 @@ class BMKP(ContinualModel):
             args.shortcut = "none"
             args.head_bias = 0
         if args.compat == "official" and dataset.NAME in OFFICIAL_BATCH_STAT_DATASETS:
+            if args.exact_bn_stats:
+                raise UserError(f"--compat official evaluates {dataset.NAME} with batch "
+                                "statistics, as the reference does, so there are no running "
+                                "statistics for --exact_bn_stats 1 to replace; drop "
+                                "--exact_bn_stats 1 or use --compat paper")
             args.bn_running_stats = 0
             args.eval_batch_size = OFFICIAL_EVAL_BATCH
 
