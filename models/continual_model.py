@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from typing import Callable, ClassVar, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Callable, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -71,6 +72,22 @@ def exact_bn_statistics(norms: Sequence[nn.modules.batchnorm._BatchNorm],
             m.momentum = momentum
             if not (completed and m.num_batches_tracked):
                 m.load_state_dict(state)
+
+
+@contextmanager
+def batch_statistics(net: nn.Module) -> Iterator[None]:
+    """Inside, every BatchNorm layer of `net` normalises with the statistics of the batch it
+    sees and leaves its running statistics untouched: a diagnostic that tells weights which
+    lost a task from running statistics that no longer fit it."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.track_running_stats) for m in norms]
+    for m in norms:  # training without tracking: batch statistics, no buffer is written
+        m.training, m.track_running_stats = True, False
+    try:
+        yield
+    finally:
+        for m, (training, tracking) in zip(norms, saved):
+            m.training, m.track_running_stats = training, tracking
 
 
 class ContinualModel(nn.Module):

@@ -17,9 +17,10 @@ _run_ids = itertools.count()
 
 
 def write_run(folder, model, dataset, seed, last_row, memory_mb=1.0, per_task_memory=True,
-              agnostic_row=None, **config):
+              agnostic_row=None, single_class=None, **config):
     """A run JSON as utils/main.py writes it (only the fields the report reads), 2 tasks;
-    without `agnostic_row`, as runs made before task-agnostic accuracy was measured."""
+    without `agnostic_row`, as runs made before task-agnostic accuracy was measured; without
+    `single_class`, as runs made before tasks predicting one class were looked for."""
     matrix = [[last_row[0] + 1.0], last_row]
     run = {"model": model, "dataset": dataset, "seed": seed, **summarize(matrix),
            "memory": {"total_mb": memory_mb},
@@ -30,6 +31,8 @@ def write_run(folder, model, dataset, seed, last_row, memory_mb=1.0, per_task_me
         run["memory_per_task_mb"] = [memory_mb / 2, memory_mb]
     if agnostic_row is not None:
         run["task_agnostic"] = summarize([matrix[0], agnostic_row])
+    if single_class is not None:
+        run["single_class_predictions"] = single_class
     path = folder / dataset / model / f"run{next(_run_ids)}-seed{seed}.json"
     write_json_atomic(run, path)
     return path
@@ -97,6 +100,23 @@ def test_table1_values_reference_and_difference(tmp_path, capsys, results):
     assert not (tmp_path / "out" / "table2.md").exists()  # no ablation runs
     assert f"wrote {tmp_path / 'out' / 'table1.md'}" in out
     assert f"wrote {tmp_path / 'out' / 'table1.tex'}" in out
+
+
+def test_a_task_predicting_one_class_in_the_final_evaluation_is_flagged(tmp_path, capsys):
+    """Seed 1's final evaluation found task 2 at one class: flagged with a warning; seed 0's
+    finding after task 1 was gone by the end and seed 2 predates the check: neither counts."""
+    folder = tmp_path / "result"
+    early = {"after_task": 0, "task": 0, "task_il": 50.0, "task_il_with_batch_statistics": 80.0}
+    final = {"after_task": 1, "task": 1, "task_il": 50.0, "task_il_with_batch_statistics": 74.4}
+    write_run(folder, "lwm", "seq-cifar10", 0, [90.0, 80.0], single_class=[early])
+    write_run(folder, "lwm", "seq-cifar10", 1, [90.0, 50.0], single_class=[final])
+    write_run(folder, "lwm", "seq-cifar10", 2, [90.0, 80.0])
+    _, err = run_report(tmp_path, capsys, folder)
+    md = (tmp_path / "out" / "table1.md").read_text()
+    assert table_rows(md)["lwm"][0] == "80.00 +- 8.66 (3 seeds) [1cls]"
+    assert err.splitlines() == ["warning: lwm on seq-cifar10: seed 1's task 2 predicts one "
+                                "class in the final evaluation (50.0; 74.4 on batch statistics)"]
+    assert "- [1cls]: in a run's final evaluation a task predicts one class" in md
 
 
 @pytest.mark.slow

@@ -22,7 +22,9 @@ from utils.main import main
 from utils.metrics import summarize
 from utils.results import epoch_log_path, text_log_path, write_json_atomic
 from utils.setup import set_deterministic
-from utils.training import Accuracies, evaluate
+from models.continual_model import batch_statistics, tracked_norms
+from utils.training import (RUNNING_STATISTICS_MARGIN, Accuracies, diagnose_single_class,
+                            evaluate, single_class_warning)
 
 N_TASKS = SequentialSynthetic.N_TASKS
 CHANCE = 100.0 / SequentialSynthetic.N_CLASSES_PER_TASK
@@ -112,6 +114,80 @@ def test_task_agnostic_accuracy_by_hand():
     assert after_both == Accuracies(task_il=[75.0, 75.0], task_agnostic=[25.0, 50.0])
 
 
+def test_evaluate_names_a_task_whose_predictions_all_fall_on_one_class():
+    """Task 1's own head says class 0 for all four images: half right, as chance would be,
+    and flagged; task 0's head predicts both classes."""
+    model = KnownLogits([[5, 1, 0, 0], [0, 3, 0, 0], [1, 2, 0, 0], [0, 1, 0, 0],
+                         [0, 0, 3, 1], [0, 0, 2, 1], [0, 0, 5, 1], [0, 0, 1, 0]])
+    accuracies = evaluate(model, TwoTasksOfTwoClasses(), 1, cpu_context())
+    assert accuracies.task_il == [75.0, 50.0]
+    assert accuracies.single_class == [1]
+
+
+def test_batch_statistics_normalise_by_the_batch_and_write_no_buffer():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    net[1].running_mean.fill_(5.0)  # statistics that fit nothing
+    net.eval()
+    buffers = {k: v.clone() for k, v in net[1].state_dict().items()}
+    x = torch.randn(6, 3, 5, 5)
+    z = net[0](x)
+    expected = torch.relu(nn.functional.batch_norm(z, None, None, net[1].weight, net[1].bias,
+                                                   training=True))
+    with torch.no_grad(), batch_statistics(net):
+        torch.testing.assert_close(net(x), expected)
+    assert not net[1].training and net[1].track_running_stats
+    for key, value in net[1].state_dict().items():
+        assert torch.equal(value, buffers[key]), key
+
+
+def test_single_class_warning_says_which_part_lost_the_task():
+    event = {"after_task": 2, "task": 1, "task_il": 50.0}
+    line = single_class_warning({**event, "task_il_with_batch_statistics": 74.4}, 5)
+    assert line.startswith("warning: after task 3/5, task 2 predicts one class")
+    assert "scores 74.4, so the running statistics, not the weights, put it there" in line
+    line = single_class_warning({**event, "task_il_with_batch_statistics": 52.0}, 5)
+    assert "scores 52.0, so its weights lost the task" in line
+    line = single_class_warning({**event, "task_il_with_batch_statistics": None}, 5)
+    assert "normalises with batch statistics already" in line
+
+
+def _reset_running_statistics_after(task: int):
+    """An end_task that afterwards resets the predictor's running statistics to their
+    initial values (mean 0, variance 1) once `task` is learned: statistics that fit no task."""
+    end_task = Sgd.end_task
+
+    def resetting_end_task(self, task_id, data, ctx):
+        end_task(self, task_id, data, ctx)
+        if task_id == task:
+            for m in tracked_norms(self.predictor()):
+                m.reset_running_stats()
+    return resetting_end_task
+
+
+def test_a_task_sent_to_one_class_by_its_statistics_is_reported(tmp_path, capsys, monkeypatch):
+    """With exact statistics each task learns well; statistics reset after the second task
+    send tasks to one class, and the run logs and records it, with the accuracy each
+    scores on batch statistics (the weights still hold them)."""
+    monkeypatch.setattr(Sgd, "end_task", _reset_running_statistics_after(1))
+    result, path = run_synthetic(tmp_path, capsys, "--exact_bn_stats", "1")
+    events = [e for e in result["single_class_predictions"] if e["after_task"] == 1]
+    assert events and all(e["task"] in (0, 1) for e in events)
+    for event in events:
+        assert event["task_il"] == result["accuracy_matrix"][1][event["task"]]
+        assert event["task_il_with_batch_statistics"] >= (event["task_il"]
+                                                          + RUNNING_STATISTICS_MARGIN)
+    log = text_log_path(path).read_text()
+    assert single_class_warning(events[0], N_TASKS) in log
+
+
+def test_a_network_without_running_statistics_blames_the_weights(synthetic_args):
+    dataset, method = build_on_cpu(synthetic_args, "gpm")
+    assert not tracked_norms(method)
+    event = diagnose_single_class(method, dataset, 0, 0, CHANCE, cpu_context())
+    assert event["task_il_with_batch_statistics"] is None
+
+
 @pytest.mark.parametrize("model, extra", [("sgd", ("--per_task_bn", "0")),
                                           ("sgd", ("--per_task_bn", "1")), ("clser", ())])
 def test_all_task_logits_are_each_tasks_forward_side_by_side(synthetic_args, model, extra):
@@ -154,8 +230,11 @@ def test_every_run_keeps_a_timestamped_text_log_also_under_quiet(tmp_path, capsy
     stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
     assert all(re.match(stamp, line) for line in lines)
     assert "options: model=sgd" in lines[0]
-    assert [line.split(": avg acc")[0][24:] for line in lines[1:-1]] == [
+    tasks = [line[24:] for line in lines[1:-1] if not line[24:].startswith("warning: ")]
+    assert [line.split(": avg acc")[0] for line in tasks] == [
         f"task {t}/{N_TASKS}" for t in range(1, N_TASKS + 1)]
+    # One warning line after its task's line for each task found predicting one class.
+    assert len(lines) - 2 - len(tasks) == len(result["single_class_predictions"])
     assert lines[-1].endswith(f"final Task-IL ACC {result['final_acc']:.2f}  task-agnostic ACC "
                               f"{result['task_agnostic']['final_acc']:.2f}  BWT "
                               f"{result['bwt']:.2f}  memory {result['memory']['total_mb']:.2f}"

@@ -42,7 +42,7 @@ from utils.validators import switch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "result" / "reference" / "bmkp_paper.json"
 PAPER_DATASETS = ("seq-cifar10", "seq-cifar100", "seq-tinyimg")
-FEW, DUPLICATE = "few", "dup"
+FEW, DUPLICATE, ONE_CLASS = "few", "dup", "1cls"
 
 
 @dataclass
@@ -273,6 +273,27 @@ def flag_seeds(groups: list[Group]) -> list[str]:
     return warnings
 
 
+def flag_single_class(groups: list[Group]) -> list[str]:
+    """Flag groups with a run whose final evaluation found a task predicting one class (see
+    utils/training.py): its ACC counts that task at chance. Runs made before the check
+    carry no findings and are not flagged."""
+    warnings = []
+    for g in groups:
+        for run in g.runs:
+            last = len(run["accuracy_matrix"]) - 1
+            for event in run.get("single_class_predictions", []):
+                if event["after_task"] != last:
+                    continue
+                if ONE_CLASS not in g.flags:
+                    g.flags.append(ONE_CLASS)
+                batch = event["task_il_with_batch_statistics"]
+                on_batch = "" if batch is None else f"; {batch:.1f} on batch statistics"
+                warnings.append(f"{g.label} on {g.dataset}: seed {run['seed']}'s task "
+                                f"{event['task'] + 1} predicts one class in the final "
+                                f"evaluation ({event['task_il']:.1f}{on_batch})")
+    return warnings
+
+
 # ---- tables ---------------------------------------------------------------------------------
 def _ref_text(ref: dict) -> str:
     return f"{ref['mean']:.2f}" + ("" if ref.get("std") is None else f" +- {ref['std']:.2f}")
@@ -376,6 +397,10 @@ def legend(rows: list[Row], most_seeds: int, columns: list[tuple[str, Cell]]) ->
         notes.append(f"[{FEW}]: fewer distinct seeds than the largest group ({most_seeds}).")
     if DUPLICATE in flags:
         notes.append(f"[{DUPLICATE}]: a seed was run more than once.")
+    if ONE_CLASS in flags:
+        notes.append(f"[{ONE_CLASS}]: in a run's final evaluation a task predicts one class "
+                     "for all its test images (docs/experiments.md, 'A task that predicts one "
+                     "class').")
     return notes
 
 
@@ -559,7 +584,7 @@ def report(opts: argparse.Namespace, warn: Callable[[str], None],
     groups = group_runs(find_runs(opts.sources, warn))
     for g in groups:
         reference["protocol"].compare(g)
-    warnings = label_groups(groups) + flag_seeds(groups)
+    warnings = label_groups(groups) + flag_seeds(groups) + flag_single_class(groups)
     for w in warnings:
         warn(w)
     written = []

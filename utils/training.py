@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from datasets.continual_dataset import SequentialDataset, iterate_batches
-from models.continual_model import ContinualModel
+from models.continual_model import ContinualModel, batch_statistics, tracked_norms
 from utils.context import TrainingContext
 from utils.metrics import summarize
 from utils.sizes import BYTES_PER_MB
@@ -19,10 +19,35 @@ from utils.sizes import BYTES_PER_MB
 class Accuracies:
     """One evaluation's accuracy (%) on each task seen so far, predicted two ways: with the
     task id given (Task-IL, the paper's protocol) and without it (task-agnostic, or Class-IL:
-    the argmax over the heads of every seen task)."""
+    the argmax over the heads of every seen task); and the tasks whose Task-IL predictions all
+    fall on one class, a collapse the accuracy alone hides as "chance"."""
 
     task_il: list[float]
     task_agnostic: list[float]
+    single_class: list[int] = field(default_factory=list)
+
+
+def _score_task(model: ContinualModel, dataset: SequentialDataset, task: int, n_seen: int,
+                ctx: TrainingContext) -> tuple[int, int, int, int]:
+    """(right with the task id, right without it, images, classes predicted with the task
+    id) on `task`'s test set; one host synchronisation, at the end."""
+    k = dataset.N_CLASSES_PER_TASK
+    data = dataset.test_data(task).to(ctx.device)
+    correct = torch.zeros(2, dtype=torch.long, device=ctx.device)
+    predicted = torch.zeros(k, dtype=torch.long, device=ctx.device)
+    seen = 0
+    for x, y, _ in iterate_batches(data, ctx.eval_batch_size, shuffle=False, augment=False,
+                                   max_batches=ctx.max_batches,
+                                   channels_last=ctx.channels_last):
+        with ctx.autocast():
+            logits = model.all_task_logits(x, n_seen)
+        own_prediction = logits[:, task * k:(task + 1) * k].argmax(1)
+        anywhere = logits.argmax(1) == task * k + y
+        correct += torch.stack([(own_prediction == y).sum(), anywhere.sum()])
+        predicted += torch.bincount(own_prediction, minlength=k)
+        seen += len(y)
+    own, anywhere = correct.tolist()
+    return own, anywhere, seen, int((predicted > 0).sum())
 
 
 def evaluate(model: ContinualModel, dataset: SequentialDataset, last_task: int,
@@ -30,26 +55,55 @@ def evaluate(model: ContinualModel, dataset: SequentialDataset, last_task: int,
     """Accuracy on tasks 0..last_task, each sample scored by every seen task's head once."""
     was_training = model.training
     model.eval()
-    n_seen, k = last_task + 1, dataset.N_CLASSES_PER_TASK
-    counts = []
+    n_seen = last_task + 1
     with torch.inference_mode():
-        for task in range(n_seen):
-            data = dataset.test_data(task).to(ctx.device)
-            correct = torch.zeros(2, dtype=torch.long, device=ctx.device)
-            seen = 0
-            for x, y, _ in iterate_batches(data, ctx.eval_batch_size, shuffle=False,
-                                           augment=False, max_batches=ctx.max_batches,
-                                           channels_last=ctx.channels_last):
-                with ctx.autocast():
-                    logits = model.all_task_logits(x, n_seen)
-                own = logits[:, task * k:(task + 1) * k].argmax(1) == y
-                anywhere = logits.argmax(1) == task * k + y
-                correct += torch.stack([own.sum(), anywhere.sum()])
-                seen += len(y)
-            counts.append(correct.tolist() + [seen])
+        scores = [_score_task(model, dataset, task, n_seen, ctx) for task in range(n_seen)]
     model.train(was_training)
-    return Accuracies([100.0 * own / seen for own, _, seen in counts],
-                      [100.0 * anywhere / seen for _, anywhere, seen in counts])
+    single_class = [task for task, (*_, classes) in enumerate(scores)
+                    if classes == 1 < dataset.N_CLASSES_PER_TASK]
+    return Accuracies([100.0 * own / seen for own, _, seen, _ in scores],
+                      [100.0 * anywhere / seen for _, anywhere, seen, _ in scores],
+                      single_class)
+
+
+# Points above the collapsed accuracy that batch statistics must recover before the warning
+# blames the running statistics rather than the weights.
+RUNNING_STATISTICS_MARGIN = 10.0
+
+
+def diagnose_single_class(model: ContinualModel, dataset: SequentialDataset, last_task: int,
+                          task: int, accuracy: float, ctx: TrainingContext) -> dict:
+    """What a task whose predictions all fall on one class would score with each test batch's
+    own BatchNorm statistics: far above chance, the weights still hold it and the running
+    statistics (another task's, or stale) send it there; near chance, the weights lost it.
+    None where the network keeps no running statistics to blame."""
+    batch_accuracy = None
+    if tracked_norms(model):
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode(), batch_statistics(model):
+            own, _, seen, _ = _score_task(model, dataset, task, last_task + 1, ctx)
+        model.train(was_training)
+        batch_accuracy = 100.0 * own / seen
+    return {"after_task": last_task, "task": task, "task_il": accuracy,
+            "task_il_with_batch_statistics": batch_accuracy}
+
+
+def single_class_warning(event: dict, n_tasks: int) -> str:
+    """The log line of diagnose_single_class's finding, tasks numbered from 1 as in the log."""
+    line = (f"warning: after task {event['after_task'] + 1}/{n_tasks}, task {event['task'] + 1} "
+            f"predicts one class for all its test images (Task-IL {event['task_il']:.1f}); ")
+    batch = event["task_il_with_batch_statistics"]
+    if batch is None:
+        cause = ("the network normalises with batch statistics already, so its weights lost "
+                 "the task")
+    elif batch >= event["task_il"] + RUNNING_STATISTICS_MARGIN:
+        cause = (f"with its test batches' own BatchNorm statistics it scores {batch:.1f}, so the "
+                 "running statistics, not the weights, put it there")
+    else:
+        cause = (f"with its test batches' own BatchNorm statistics it scores {batch:.1f}, so its "
+                 "weights lost the task")
+    return line + cause + " (docs/experiments.md, 'A task that predicts one class')"
 
 
 @dataclass
@@ -62,6 +116,7 @@ class Progress:
     agnostic_matrix: list[list[float]] = field(default_factory=list)
     memory_mb: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
+    single_class: list[dict] = field(default_factory=list)
 
     @property
     def next_task(self) -> int:
@@ -103,6 +158,9 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
         model.end_task(task, train, ctx)
         with ctx.phase("eval"):
             accuracies = evaluate(model, dataset, task, ctx)
+            events = [diagnose_single_class(model, dataset, task, collapsed,
+                                            accuracies.task_il[collapsed], ctx)
+                      for collapsed in accuracies.single_class]
         row, agnostic = accuracies.task_il, accuracies.task_agnostic
         progress.matrix.append(row)
         progress.agnostic_matrix.append(agnostic)
@@ -112,6 +170,9 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
         log(f"{ctx.task_label}: avg acc {sum(row) / len(row):6.2f}  "
             f"per task [{', '.join(f'{a:.1f}' for a in row)}]  "
             f"task-agnostic {sum(agnostic) / len(agnostic):6.2f}  {times}")
+        for event in events:
+            log(single_class_warning(event, dataset.N_TASKS))
+        progress.single_class.extend(events)
         ctx.emit("task", {"task": task, "task_il": row, "task_agnostic": agnostic,
                           "phase_times": ctx.phase_times[-1]})
         if after_task is not None:
@@ -122,4 +183,5 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
             raise BudgetReached(task + 1)
     return {**summarize(progress.matrix), "task_agnostic": summarize(progress.agnostic_matrix),
             "memory_per_task_mb": progress.memory_mb,
+            "single_class_predictions": progress.single_class,
             "phase_times": ctx.phase_times, "total_time_s": time.perf_counter() - start}
