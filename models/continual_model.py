@@ -120,6 +120,13 @@ class ContinualModel(nn.Module):
     def configure(cls, args: argparse.Namespace, dataset: type[SequentialDataset]) -> None:
         """Settle options that depend on the dataset, before the backbone is built."""
 
+    @classmethod
+    def implied_options(cls, args: argparse.Namespace,
+                        dataset: type[SequentialDataset]) -> dict[str, object]:
+        """The values another option of the method sets (listed in IMPLIED_OPTIONS), which
+        configure applies; parse_args refuses a different value typed for one of them."""
+        return {}
+
     def __init__(self, net: TaskNetwork, dataset: SequentialDataset,
                  args: argparse.Namespace) -> None:
         if args.exact_bn_stats and not args.bn_running_stats:

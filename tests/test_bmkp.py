@@ -319,6 +319,22 @@ def test_official_compat_uses_batch_statistics_on_cifar():
     assert paper.shortcut == "identity" and paper.head_bias == 1
 
 
+@pytest.mark.parametrize("typed, refused", [
+    (("--shortcut", "identity"), "sets --shortcut none itself; drop --shortcut"),
+    (("--bn_running_stats=1", "--head_bias", "1"),
+     "sets --bn_running_stats 0, --head_bias 0 itself; drop --bn_running_stats, --head_bias")])
+def test_official_compat_refuses_a_typed_value_it_would_replace(typed, refused):
+    with pytest.raises(UserError, match=f"--compat official {refused}"):
+        parse_args(["--model", "bmkp", "--dataset", "seq-cifar10", "--compat", "official",
+                    *typed])
+    # The value it sets anyway, typed or not, and paper mode's free choice are accepted.
+    parse_args(["--model", "bmkp", "--dataset", "seq-cifar10", "--compat", "official",
+                "--shortcut", "none", "--bn_running_stats", "0"])
+    parse_args(["--model", "bmkp", "--dataset", "seq-tinyimg", "--compat", "official",
+                "--bn_running_stats", "1"])  # the reference tracks statistics there
+    parse_args(["--model", "bmkp", "--dataset", "seq-cifar10", *typed])
+
+
 def test_resnet34_layers_are_found_by_hooks(tmp_path):
     model, dataset, ctx = build(tmp_path, "--backbone", "resnet34", "--n_epochs", "1",
                                 "--retrain_epochs", "1")

@@ -1,4 +1,5 @@
 """The command line: discovery, --help, and one-line errors (exit 2, no traceback) for bad input."""
+import argparse
 import os
 import re
 import subprocess
@@ -11,7 +12,7 @@ from datasets import dataset_classes
 from helpers import (REPO, assert_one_line_error, real_folder, synthetic_argv,
                      write_image_folders)
 from models import model_classes
-from utils.args import parse_args
+from utils.args import parse_args, typed_options
 from utils.main import main
 
 DATASETS = {"seq-cifar10", "seq-cifar100", "seq-tinyimg", "seq-synthetic"}
@@ -135,3 +136,17 @@ def test_best_config_gives_each_method_the_papers_network(model, width, pool):
     assert (args.nf, args.feature_pool) == (32, "grid")
     args = parse_args(["--model", model, "--dataset", "seq-cifar10"])
     assert (args.nf, args.feature_pool) == (20, "grid")
+
+
+def test_typed_options_are_those_on_the_command_line_not_the_defaults():
+    """A default (the parser's, or in parse_args a best configuration's) is not typed; an
+    option argv names is, in any spelling argparse accepts."""
+    argv = ["--model", "sgd", "--dataset", "seq-cifar10", "--model_config", "best",
+            "--n_epochs=3", "--optim_m", "0.9"]
+    parser = argparse.ArgumentParser()
+    for option, default in (("--model", None), ("--dataset", None), ("--model_config", None),
+                            ("--n_epochs", 50), ("--lr", 0.1), ("--optim_mom", 0.0)):
+        parser.add_argument(option, default=default)
+    args = parser.parse_args(argv)
+    assert typed_options(parser, argv, args) == {"model", "dataset", "model_config", "n_epochs",
+                                                 "optim_mom"}

@@ -171,6 +171,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.set_defaults(**model_cls.PAPER_NETWORK,
                                 **model_cls.BEST_CONFIGS[dataset_cls.NAME])
     args = parser.parse_args(argv)
+    if model_cls is not None and dataset_cls is not None:
+        refuse_overridden(args, typed_options(parser, argv, args),
+                          model_cls.implied_options(args, dataset_cls), model_cls)
     if args.resume and args.checkpoint_dir is None:
         raise UserError("--resume needs --checkpoint_dir DIR, the folder of the checkpoint")
     return args
+
+
+def typed_options(parser: argparse.ArgumentParser, argv: list[str],
+                  args: argparse.Namespace) -> set[str]:
+    """The options `argv` sets itself, not through a default: argparse fills in a default
+    only where the namespace lacks the option, so a namespace holding a marker for every
+    option keeps the marker exactly where nothing was typed."""
+    unset = object()
+    probe = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
+    return {k for k, v in vars(probe).items() if v is not unset}
+
+
+def refuse_overridden(args: argparse.Namespace, typed: set[str], implied: dict[str, object],
+                      model_cls: type) -> None:
+    """A typed value that another option would silently replace is an error, not ignored."""
+    clashes = sorted(k for k in typed & implied.keys() if getattr(args, k) != implied[k])
+    if clashes:
+        setters = {o: key for key, options in model_cls.IMPLIED_OPTIONS.items() for o in options}
+        setter = setters[clashes[0]]
+        shown = ", ".join(f"--{k} {implied[k]}" for k in clashes)
+        raise UserError(f"--{setter} {getattr(args, setter)} sets {shown} itself; drop "
+                        f"{', '.join('--' + k for k in clashes)}")
+

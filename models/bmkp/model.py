@@ -121,16 +121,25 @@ class BMKP(ContinualModel):
                                 "singular values), projection pass and CIFAR inputs; drop "
                                 "--energy, --projection_bn and --normalize_inputs or use "
                                 "--compat paper")
-            args.shortcut = "none"
-            args.head_bias = 0
-        if args.compat == "official" and dataset.NAME in OFFICIAL_BATCH_STAT_DATASETS:
-            if args.exact_bn_stats:
-                raise UserError(f"--compat official evaluates {dataset.NAME} with batch "
-                                "statistics, as the reference does, so there are no running "
-                                "statistics for --exact_bn_stats 1 to replace; drop "
-                                "--exact_bn_stats 1 or use --compat paper")
-            args.bn_running_stats = 0
-            args.eval_batch_size = OFFICIAL_EVAL_BATCH
+        implied = cls.implied_options(args, dataset)
+        if args.exact_bn_stats and implied.get("bn_running_stats") == 0:
+            raise UserError(f"--compat official evaluates {dataset.NAME} with batch "
+                            "statistics, as the reference does, so there are no running "
+                            "statistics for --exact_bn_stats 1 to replace; drop "
+                            "--exact_bn_stats 1 or use --compat paper")
+        vars(args).update(implied)
+
+    @classmethod
+    def implied_options(cls, args: argparse.Namespace,
+                        dataset: type[SequentialDataset]) -> dict[str, object]:
+        """--compat official builds the reference's network, which on CIFAR also evaluates
+        with batch statistics in batches of the reference's size."""
+        if args.compat != "official":
+            return {}
+        implied = {"shortcut": "none", "head_bias": 0}
+        if dataset.NAME in OFFICIAL_BATCH_STAT_DATASETS:
+            implied.update(bn_running_stats=0, eval_batch_size=OFFICIAL_EVAL_BATCH)
+        return implied
 
     def __init__(self, net: TaskNetwork, dataset: SequentialDataset,
                  args: argparse.Namespace) -> None:
