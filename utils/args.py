@@ -199,4 +199,3 @@ def refuse_overridden(args: argparse.Namespace, typed: set[str], implied: dict[s
         shown = ", ".join(f"--{k} {implied[k]}" for k in clashes)
         raise UserError(f"--{setter} {getattr(args, setter)} sets {shown} itself; drop "
                         f"{', '.join('--' + k for k in clashes)}")
-

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -46,19 +47,28 @@ def _score_task(model: ContinualModel, dataset: SequentialDataset, task: int, n_
         correct += torch.stack([(own_prediction == y).sum(), anywhere.sum()])
         predicted += torch.bincount(own_prediction, minlength=k)
         seen += len(y)
-    own, anywhere = correct.tolist()
-    return own, anywhere, seen, int((predicted > 0).sum())
+    own, anywhere, classes = torch.cat([correct, (predicted > 0).sum().view(1)]).tolist()
+    return own, anywhere, seen, classes
+
+
+@contextmanager
+def _inference(model: ContinualModel) -> Iterator[None]:
+    """Evaluation mode without autograd, the model's training mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def evaluate(model: ContinualModel, dataset: SequentialDataset, last_task: int,
              ctx: TrainingContext) -> Accuracies:
     """Accuracy on tasks 0..last_task, each sample scored by every seen task's head once."""
-    was_training = model.training
-    model.eval()
     n_seen = last_task + 1
-    with torch.inference_mode():
+    with _inference(model):
         scores = [_score_task(model, dataset, task, n_seen, ctx) for task in range(n_seen)]
-    model.train(was_training)
     single_class = [task for task, (*_, classes) in enumerate(scores)
                     if classes == 1 < dataset.N_CLASSES_PER_TASK]
     return Accuracies([100.0 * own / seen for own, _, seen, _ in scores],
@@ -79,11 +89,8 @@ def diagnose_single_class(model: ContinualModel, dataset: SequentialDataset, las
     None where the network keeps no running statistics to blame."""
     batch_accuracy = None
     if tracked_norms(model):
-        was_training = model.training
-        model.eval()
-        with torch.inference_mode(), batch_statistics(model):
+        with _inference(model), batch_statistics(model):
             own, _, seen, _ = _score_task(model, dataset, task, last_task + 1, ctx)
-        model.train(was_training)
         batch_accuracy = 100.0 * own / seen
     return {"after_task": last_task, "task": task, "task_il": accuracy,
             "task_il_with_batch_statistics": batch_accuracy}
@@ -97,12 +104,12 @@ def single_class_warning(event: dict, n_tasks: int) -> str:
     if batch is None:
         cause = ("the network normalises with batch statistics already, so its weights lost "
                  "the task")
-    elif batch >= event["task_il"] + RUNNING_STATISTICS_MARGIN:
-        cause = (f"with its test batches' own BatchNorm statistics it scores {batch:.1f}, so the "
-                 "running statistics, not the weights, put it there")
     else:
-        cause = (f"with its test batches' own BatchNorm statistics it scores {batch:.1f}, so its "
-                 "weights lost the task")
+        verdict = ("the running statistics, not the weights, put it there"
+                   if batch >= event["task_il"] + RUNNING_STATISTICS_MARGIN
+                   else "its weights lost the task")
+        cause = (f"with its test batches' own BatchNorm statistics it scores {batch:.1f}, so "
+                 + verdict)
     return line + cause + " (docs/experiments.md, 'A task that predicts one class')"
 
 
