@@ -7,6 +7,7 @@ import torch
 from helpers import assert_one_line_error, synthetic_argv
 from models.bmkp import evaluate as evaluate_script
 from utils.main import main
+from utils.training import single_class_warning
 
 # Small enough for seconds on one thread, yet learning well above chance (50%). BatchNorm uses
 # the test batch's statistics and the evaluation batch is not a divisor of the 100 test images
@@ -32,10 +33,13 @@ def test_saved_memory_evaluates_to_the_runs_last_row(tmp_path, capsys):
         last_row = run["accuracy_matrix"][-1]
         agnostic_row = run["task_agnostic"]["accuracy_matrix"][-1]
         assert sum(last_row) / len(last_row) > 55  # learned something: a meaningful check
-        accuracies = evaluate_script.evaluate_memory(path, "seq-synthetic", tmp_path / "data",
-                                                     "cpu")
+        accuracies, single_class = evaluate_script.evaluate_memory(
+            path, "seq-synthetic", tmp_path / "data", "cpu")
         assert accuracies.task_il == last_row
         assert accuracies.task_agnostic == agnostic_row
+        final_findings = [event for event in run["single_class_predictions"]
+                          if event["after_task"] == len(last_row) - 1]
+        assert single_class == final_findings
     assert not memory.exists()
     assert evaluate_script.main(["--memory", str(path), "--dataset", "seq-synthetic",
                                  "--device", "cpu"]) == 0
@@ -46,6 +50,7 @@ def test_saved_memory_evaluates_to_the_runs_last_row(tmp_path, capsys):
                           for t, (a, b) in enumerate(zip(last_row, agnostic_row))]
     assert lines[6] == (f"average: {run['final_acc']:.2f}  "
                         f"{run['task_agnostic']['final_acc']:.2f}")
+    assert lines[7:] == [single_class_warning(event, 5) for event in final_findings]
 
 
 @pytest.mark.slow

@@ -96,6 +96,16 @@ def diagnose_single_class(model: ContinualModel, dataset: SequentialDataset, las
             "task_il_with_batch_statistics": batch_accuracy}
 
 
+def evaluate_and_diagnose(model: ContinualModel, dataset: SequentialDataset, last_task: int,
+                          ctx: TrainingContext) -> tuple[Accuracies, list[dict]]:
+    """evaluate, and diagnose_single_class for each task whose predictions all fall on one
+    class."""
+    accuracies = evaluate(model, dataset, last_task, ctx)
+    events = [diagnose_single_class(model, dataset, last_task, task, accuracies.task_il[task], ctx)
+              for task in accuracies.single_class]
+    return accuracies, events
+
+
 def single_class_warning(event: dict, n_tasks: int) -> str:
     """The log line of diagnose_single_class's finding, tasks numbered from 1 as in the log."""
     line = (f"warning: after task {event['after_task'] + 1}/{n_tasks}, task {event['task'] + 1} "
@@ -164,10 +174,7 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
             model.store_exact_bn_statistics(task, train, ctx)
         model.end_task(task, train, ctx)
         with ctx.phase("eval"):
-            accuracies = evaluate(model, dataset, task, ctx)
-            events = [diagnose_single_class(model, dataset, task, collapsed,
-                                            accuracies.task_il[collapsed], ctx)
-                      for collapsed in accuracies.single_class]
+            accuracies, events = evaluate_and_diagnose(model, dataset, task, ctx)
         row, agnostic = accuracies.task_il, accuracies.task_agnostic
         progress.matrix.append(row)
         progress.agnostic_matrix.append(agnostic)

@@ -4,7 +4,9 @@ python models/bmkp/evaluate.py --memory FILE --dataset NAME
 Rebuilds the backbone the run used, puts the method's model around it with the saved memory
 loaded, and scores every stored task on the test set. The working memory's own weights are a
 fresh random initialisation and play no part: each stored task is predicted from the memory
-alone (its recomposed conv weights, its BatchNorm set and its head).
+alone (its recomposed conv weights, its BatchNorm set and its head). A task whose predictions
+all fall on one class gets the run's warning line (docs/experiments.md, 'A task that predicts
+one class').
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from utils.args import OneLineErrorParser, parse_args  # noqa: E402
 from utils.context import TrainingContext  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.setup import build, resolve_device, seed_everything  # noqa: E402
-from utils.training import Accuracies, evaluate  # noqa: E402
+from utils.training import (Accuracies, evaluate_and_diagnose,  # noqa: E402
+                            single_class_warning)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -38,9 +41,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def evaluate_memory(path: Path, dataset_name: str, data_path: Path,
-                    device_name: str) -> Accuracies:
+                    device_name: str) -> tuple[Accuracies, list[dict]]:
     """Task-IL and task-agnostic accuracy (%) of every stored task, evaluated as the run that
-    saved it did."""
+    saved it did, and the diagnosis of any task that predicts one class (as the run logs it)."""
     device = resolve_device(device_name)
     saved = load_memory(path, device)
     if saved["dataset"] != dataset_name:
@@ -59,13 +62,14 @@ def evaluate_memory(path: Path, dataset_name: str, data_path: Path,
     if model.memory.n_tasks == 0:
         raise UserError(f"{path} holds no task; save the memory of a run that learned one")
     ctx = TrainingContext.from_args(args, device)
-    return evaluate(model, dataset, model.memory.n_tasks - 1, ctx)
+    return evaluate_and_diagnose(model, dataset, model.memory.n_tasks - 1, ctx)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         opts = parse(argv)
-        accuracies = evaluate_memory(opts.memory, opts.dataset, opts.data_path, opts.device)
+        accuracies, single_class = evaluate_memory(opts.memory, opts.dataset, opts.data_path,
+                                                   opts.device)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     for task, (own, anywhere) in enumerate(zip(task_il, agnostic)):
         print(f"task {task + 1}: {own:.2f}  {anywhere:.2f}")
     print(f"average: {sum(task_il) / len(task_il):.2f}  {sum(agnostic) / len(agnostic):.2f}")
+    for event in single_class:
+        print(single_class_warning(event, len(task_il)))
     return 0
 
 
