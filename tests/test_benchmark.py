@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from helpers import assert_one_line_error
 from models import model_classes
 from utils.benchmark import main
 
@@ -43,3 +44,14 @@ def test_benchmark_times_every_method_through_its_own_training_step(model, tmp_p
     report = json.loads(out.read_text())
     assert report["setup"]["model"] == model
     assert report["train_ms_per_batch"] > 0 and report["bound_ms_per_batch"] > 0
+
+
+def test_benchmark_options_are_listed_and_checked_like_mains(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    assert help_text.startswith("usage: utils/benchmark.py")
+    assert "--steps STEPS" in help_text and "--task_images" in help_text
+    assert "--model_config" in help_text  # utils/main.py's options too
+    assert_one_line_error(capsys, main, ["--steps", "0"], "--steps", "must be >= 1")
+    assert_one_line_error(capsys, main, ["--nf", "0"], "--nf")

@@ -10,6 +10,7 @@ import argparse
 import sys
 import textwrap
 from pathlib import Path
+from collections.abc import Sequence
 from typing import NoReturn
 
 from backbone import BACKBONES
@@ -141,7 +142,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                           "<result>.tensorboard/ (pip install tensorboard)")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str = "utils/main.py",
+               description: str = "Run one task-incremental learning experiment.",
+               parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Namespace:
+    """utils/main.py's options; another entry point passes its own name and description, and
+    its own options as `parents` (argparse parsers without help) so --help lists them too."""
     argv = sys.argv[1:] if argv is None else argv
     models, datasets = model_classes(), dataset_classes()
     pre = argparse.ArgumentParser(add_help=False)
@@ -150,7 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     known, _ = pre.parse_known_args(argv)
 
     parser = OneLineErrorParser(
-        prog="utils/main.py", description="Run one task-incremental learning experiment.",
+        prog=prog, description=description, parents=list(parents),
         formatter_class=HelpFormatter,
         epilog=f"models: {', '.join(models)}. datasets: {', '.join(datasets)}. "
                "Add --model NAME (and --dataset NAME) to --help to see their own options.")

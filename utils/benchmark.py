@@ -166,20 +166,26 @@ def measure(args: argparse.Namespace, steps: int, real: bool, task_images: int) 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--steps", type=positive_int, default=10)
-    extra.add_argument("--out", type=Path, default=None)
-    extra.add_argument("--task_images", type=positive_int, default=10000,
-                       help="training images per task for the end-of-task work's share when "
-                            "the data is random (default: Seq-CIFAR-10's 10,000)")
-    own, rest = extra.parse_known_args(argv)
+    own = extra.add_argument_group("benchmark")
+    own.add_argument("--steps", type=positive_int, default=10,
+                     help="training batches timed (default 10)")
+    own.add_argument("--out", type=Path, default=None,
+                     help="the JSON report (default result/benchmark/<time>.json)")
+    own.add_argument("--task_images", type=positive_int, default=10000,
+                     help="training images per task for the end-of-task work's share when "
+                          "the data is random (default: Seq-CIFAR-10's 10,000)")
     defaults = {"--model": "bmkp", "--dataset": "seq-cifar10", "--quiet": None}
     for flag, value in defaults.items():
-        if flag not in rest:
-            rest += [flag] if value is None else [flag, value]
+        if flag not in argv:
+            argv += [flag] if value is None else [flag, value]
     try:
-        args = parse_args(rest)
-        real = "--data_path" in rest or args.dataset == "seq-synthetic"
-        report = measure(args, own.steps, real, own.task_images)
+        args = parse_args(argv, prog="utils/benchmark.py", parents=[extra],
+                          description="Training-path speed against the bare compute bound, "
+                                      "evaluation speed and end-of-task work of one method "
+                                      "(default --model bmkp --dataset seq-cifar10, random "
+                                      "images unless --data_path is given).")
+        real = "--data_path" in argv or args.dataset == "seq-synthetic"
+        report = measure(args, args.steps, real, args.task_images)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -191,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(value, dict):
             value = "  ".join(f"{k} {v:.4g}" for k, v in value.items())
         print(f"{key:32s} {value:.4g}" if isinstance(value, float) else f"{key:32s} {value}")
-    out = own.out or result_path(args.results_dir, "benchmark", args.model, args.seed)
+    out = args.out or result_path(args.results_dir, "benchmark", args.model, args.seed)
     write_json_atomic(payload, out)
     print(f"-> {out}")
     return 0
