@@ -19,6 +19,8 @@ def test_benchmark_reports_throughput_bound_and_end_of_task_work(tmp_path, capsy
     assert report["end_of_task_s"]["projection"] > 0
     assert report["epochs_per_task"] == 20  # seq-synthetic's 10 epochs, then 10 of retraining
     assert report["setup"]["model"] == "bmkp" and report["data"] == "real"
+    # the learning step adds the compaction regularizer to the bare step's operators
+    assert report["train_operators_per_batch"] > report["bound_operators_per_batch"] > 0
     assert "ratio_to_bound" in capsys.readouterr().out
 
 

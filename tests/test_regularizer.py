@@ -1,9 +1,11 @@
-"""BMKP's compaction regularizer on hand-checked numbers and against a plain numpy version."""
+"""BMKP's compaction regularizer on hand-checked numbers and against a plain numpy version;
+the network's loss (layers computed together) against the sum of its layers'."""
 import numpy as np
 import pytest
 import torch
 
-from models.bmkp.regularizer import VARIANTS, compaction_loss
+from models.bmkp.regularizer import VARIANTS, CompactionLoss, compaction_loss
+from utils.benchmark import OperatorCount
 
 # W (2 x 3) and a unit basis vector b = (0.6, 0.8). The residual (I - b b^T) W is u v^T with
 # u = (0.8, -0.6) and v = u^T W = (0.8, 1.0, 0.6).
@@ -94,3 +96,68 @@ def test_rejects_bad_variant_and_shape():
         compaction_loss(torch.ones(2, 3), torch.ones(2, 1), "eq4")
     with pytest.raises(ValueError):
         compaction_loss(torch.ones(2, 3), torch.ones(3, 1), "paper")
+
+
+# Layers of a small network: outputs shared by layers of different inputs (padded together),
+# a channels-last conv, a 1x1 conv, a linear weight, and bases of different widths (0 too).
+LAYERS = {"conv1": ((6, 4, 3, 3), 3), "conv2": ((6, 2, 3, 3), 5), "shortcut": ((6, 2, 1, 1), 0),
+          "fc": ((6, 10), 2), "conv3": ((3, 5, 3, 3), 1), "conv4": ((3, 5, 3, 3), 2)}
+
+
+def _network(seed: int):
+    gen = np.random.default_rng(seed)
+    weights, bases = {}, {}
+    for index, (name, (shape, width)) in enumerate(LAYERS.items()):
+        weight = torch.from_numpy(gen.standard_normal(shape))
+        if name == "conv2":
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        weights[name] = weight.requires_grad_()
+        bases[name] = torch.from_numpy(_orthonormal(shape[0], width, seed=seed + index))
+    return weights, bases
+
+
+@pytest.mark.parametrize("pad_inputs, groups", [(False, 5), (True, 2)])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_network_loss_is_the_sum_of_its_layers(variant, pad_inputs, groups):
+    weights, bases = _network(seed=6)
+    loss = CompactionLoss(bases, {n: w.shape for n, w in weights.items()}, variant, pad_inputs)
+    assert len(loss.groups) == groups
+    loss = loss(weights)
+    expected = sum(_numpy_loss(w.detach().numpy(), bases[n].numpy(), variant)
+                   for n, w in weights.items())
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+    loss.backward()
+    together = {n: w.grad.clone() for n, w in weights.items()}
+    for name, weight in weights.items():
+        weight.grad = None
+        compaction_loss(weight, bases[name], variant).backward()
+        assert torch.allclose(weight.grad, together[name], rtol=1e-10, atol=1e-12), name
+
+
+@pytest.mark.parametrize("pad_inputs", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_network_loss_gradient_is_correct(variant, pad_inputs):
+    weights, bases = _network(seed=7)
+    names = list(weights)
+    loss = CompactionLoss(bases, {n: w.shape for n, w in weights.items()}, variant, pad_inputs)
+    assert torch.autograd.gradcheck(lambda *ws: loss(dict(zip(names, ws))),
+                                    tuple(weights[n] for n in names))
+
+
+@pytest.mark.parametrize("pad_inputs", [False, True])
+def test_operators_per_step_grow_by_group_not_by_layer(pad_inputs):
+    """A GPU step of the small ResNet is bound by kernel launches: eight layers of one shape
+    must cost about what one costs, not eight times as much."""
+    def operators(n_layers: int) -> int:
+        gen = torch.Generator().manual_seed(8)
+        weights = {f"conv{i}": torch.randn(6, 4, 3, 3, generator=gen, requires_grad=True)
+                   for i in range(n_layers)}
+        bases = {name: torch.from_numpy(_orthonormal(6, 2, seed=9)).float() for name in weights}
+        loss = CompactionLoss(bases, {n: w.shape for n, w in weights.items()}, "official",
+                              pad_inputs)
+        with OperatorCount() as counted:
+            loss(weights).backward()
+        return counted.count
+
+    one, eight = operators(1), operators(8)
+    assert one <= eight < 2 * one

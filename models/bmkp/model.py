@@ -45,7 +45,7 @@ from torch.func import functional_call
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.bmkp.long_term_memory import LongTermMemory
 from models.bmkp.memory_file import check_writable, per_seed_path, save_memory
-from models.bmkp.regularizer import VARIANTS, compaction_loss
+from models.bmkp.regularizer import VARIANTS, CompactionLoss
 from models.bmkp.tables import PAPER_TABLES
 from models.continual_model import ContinualModel, exact_bn_statistics
 from utils.context import TrainingContext
@@ -154,6 +154,7 @@ class BMKP(ContinualModel):
         # Per task, per projected layer: basis columns after the task, and the share of the
         # task's activation energy they retain (None when the bases were not updated).
         self.basis_log: list[dict[str, dict]] = []
+        self.compaction: CompactionLoss | None = None  # built by begin_task from task 1 on
 
     # ---- inference -------------------------------------------------------------------
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
@@ -165,6 +166,10 @@ class BMKP(ContinualModel):
     # ---- one task ----------------------------------------------------------------------
     def begin_task(self, task: int, data: TaskData) -> None:
         self.reset_optimizer(self._learning_parameters(task))
+        # The regularizer of this task, against the bases the earlier tasks left.
+        self.compaction = (CompactionLoss(self.memory.bases, self.memory.layer_shapes,
+                                          self.args.reg, pad_inputs=next(self.net.parameters()).is_cuda)
+                           if task > 0 else None)
 
     def fit_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         with ctx.phase("train"):
@@ -198,13 +203,9 @@ class BMKP(ContinualModel):
         """One learning step of the working memory: task loss plus lambda * compaction."""
         loss = F.cross_entropy(self.net(x, task), y)
         if task > 0 and self.args.lambd > 0:
-            loss = loss + self.args.lambd * self.compaction()
+            loss = loss + self.args.lambd * self.compaction(
+                {name: m.weight for name, m in self.projected.items()})
         return self.optimizer_step(loss)
-
-    def compaction(self) -> torch.Tensor:
-        """The regularizer summed over every projected layer, against the current bases."""
-        return sum(compaction_loss(m.weight, self.memory.basis(name), self.args.reg)
-                   for name, m in self.projected.items())
 
     def _update_bases(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         """Grow every layer's basis from its outputs on `projection_samples` training images
