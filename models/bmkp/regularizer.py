@@ -31,8 +31,8 @@ VARIANTS = ("official", "paper")
 @dataclass
 class _Group:
     """Layers computed together: their names, the widest flattened weight's inputs, their
-    bases stacked (and transposed) with zero columns up to the widest, and per
-    layer ||B||_F^2 and ||1^T B||^2 (the official form's constant terms)."""
+    bases stacked (and transposed) with zero columns up to the widest, and per layer
+    ||B||_F^2 and ||1^T B||^2 (the official form's constant terms)."""
     names: list[str]
     inputs: int
     basis: torch.Tensor
@@ -67,6 +67,7 @@ class CompactionLoss:
             if basis.dim() != 2 or basis.shape[0] != shape[0]:
                 raise ValueError(f"basis of shape {tuple(basis.shape)} does not fit a weight "
                                  f"with {shape[0]} outputs")
+            # grouped by outputs and inputs, or by outputs alone when inputs are padded
             inputs = 0 if pad_inputs else torch.Size(shape[1:]).numel()
             groups.setdefault((shape[0], inputs), []).append(name)
         self.groups = [self._group(names, [bases[n].detach() for n in names],
