@@ -167,8 +167,9 @@ class BMKP(ContinualModel):
     def begin_task(self, task: int, data: TaskData) -> None:
         self.reset_optimizer(self._learning_parameters(task))
         # The regularizer of this task, against the bases the earlier tasks left.
+        on_gpu = next(self.net.parameters()).is_cuda
         self.compaction = (CompactionLoss(self.memory.bases, self.memory.layer_shapes,
-                                          self.args.reg, pad_inputs=next(self.net.parameters()).is_cuda)
+                                          self.args.reg, pad_inputs=on_gpu)
                            if task > 0 else None)
 
     def fit_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:

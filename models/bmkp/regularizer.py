@@ -61,6 +61,7 @@ class CompactionLoss:
             raise ValueError(f"unknown compaction variant {variant!r}; allowed: "
                              f"{', '.join(VARIANTS)}")
         self.variant = variant
+        inputs = {name: torch.Size(shape[1:]).numel() for name, shape in shapes.items()}
         groups: dict[tuple[int, int], list[str]] = {}
         for name, shape in shapes.items():
             basis = bases[name]
@@ -68,10 +69,9 @@ class CompactionLoss:
                 raise ValueError(f"basis of shape {tuple(basis.shape)} does not fit a weight "
                                  f"with {shape[0]} outputs")
             # grouped by outputs and inputs, or by outputs alone when inputs are padded
-            inputs = 0 if pad_inputs else torch.Size(shape[1:]).numel()
-            groups.setdefault((shape[0], inputs), []).append(name)
+            groups.setdefault((shape[0], 0 if pad_inputs else inputs[name]), []).append(name)
         self.groups = [self._group(names, [bases[n].detach() for n in names],
-                                   max(torch.Size(shapes[n][1:]).numel() for n in names))
+                                   max(inputs[n] for n in names))
                        for names in groups.values()]
 
     @staticmethod
