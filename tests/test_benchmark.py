@@ -19,8 +19,12 @@ def test_benchmark_reports_throughput_bound_and_end_of_task_work(tmp_path, capsy
     assert report["end_of_task_s"]["projection"] > 0
     assert report["epochs_per_task"] == 20  # seq-synthetic's 10 epochs, then 10 of retraining
     assert report["setup"]["model"] == "bmkp" and report["data"] == "real"
-    # the learning step adds the compaction regularizer to the bare step's operators
+    # the learning step adds the compaction regularizer to the bare step's operators, the
+    # retraining step the recomposition W = B A; each is counted in its own phase
     assert report["train_operators_per_batch"] > report["bound_operators_per_batch"] > 0
+    assert (report["train_operators_per_batch"] > report["retrain_operators_per_batch"]
+            > report["bound_operators_per_batch"])
+    assert report["retrain_ms_per_batch"] > 0
     assert "ratio_to_bound" in capsys.readouterr().out
 
 
@@ -30,7 +34,7 @@ def test_benchmark_of_a_method_without_projection(tmp_path):
                  "--num_threads", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["data"] == "random" and "projection" not in report["end_of_task_s"]
-    assert report["train_images_per_s"] > 0
+    assert report["train_images_per_s"] > 0 and "retrain_ms_per_batch" not in report
     fisher, rest = report["end_of_task_s"]["fisher"], report["end_of_task_s"]["end_task_other"]
     assert fisher > 0 and 0 <= rest < fisher  # the Fisher is end_task's work, counted once
 

@@ -10,6 +10,7 @@ from datasets.seq_synthetic import SequentialSynthetic
 from models.bmkp import BMKP
 from models.bmkp.long_term_memory import LongTermMemory
 from utils.args import parse_args
+from utils.benchmark import OperatorCount
 from utils.context import TrainingContext
 from utils.errors import UserError
 from utils.main import main
@@ -202,6 +203,55 @@ def test_saved_memory_alone_reproduces_every_task(tmp_path):
         assert torch.equal(logits(other, x, task), logits(model, x, task))
 
 
+def random_memory(layout: torch.memory_format) -> tuple[LongTermMemory, dict]:
+    """A memory over a 3x3 and a 1x1 conv with random orthonormal bases, and weights for it."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"a.weight": torch.Size((6, 4, 3, 3)), "b.weight": torch.Size((8, 6, 1, 1))}
+    memory = LongTermMemory(shapes, layout)
+    memory.set_bases({n: torch.linalg.qr(torch.randn(s[0], s[0] - 2, generator=generator))[0]
+                      for n, s in shapes.items()})
+    weights = {n: torch.randn(s, generator=generator).contiguous(memory_format=layout)
+               for n, s in shapes.items()}
+    return memory, weights
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_memory_composes_in_the_working_memorys_layout_and_saves_one_order(layout):
+    memory, weights = random_memory(layout)
+    memory.store_task(0, memory.project(weights), {})
+    for name, weight in weights.items():
+        basis = memory.bases[name]
+        expected = (basis @ basis.T @ weight.flatten(1)).view(weight.shape)
+        torch.testing.assert_close(memory.compose(0)[name], expected)
+        assert memory.compose(0)[name].is_contiguous(memory_format=layout)
+    # the saved coefficients are in the standard order, whatever the layout
+    standard, _ = random_memory(torch.contiguous_format)
+    saved = memory.state_dict()["coefficients"][0]
+    for name, a in standard.project(weights).items():
+        torch.testing.assert_close(saved[name], a)
+    for other_layout in (torch.contiguous_format, torch.channels_last):
+        other = LongTermMemory({}, other_layout)
+        other.load_state_dict(memory.state_dict())
+        for name, weight in memory.compose(0).items():
+            torch.testing.assert_close(other.compose(0)[name], weight)
+
+
+def test_recomposing_a_channels_last_weight_takes_one_product_each_way():
+    """Retraining recomposes every weight at every step: no layout copies, forward or back."""
+    memory, weights = random_memory(torch.channels_last)
+    coefficients = {n: a.requires_grad_() for n, a in memory.project(weights).items()}
+    upstream = [torch.randn(w.shape).contiguous(memory_format=torch.channels_last)
+                for w in weights.values()]
+    with OperatorCount() as counted:
+        composed = memory.weights_from(coefficients)
+        grads = torch.autograd.grad(list(composed.values()), list(coefficients.values()), upstream)
+    assert counted.count == 2 * len(weights)  # B A forward, B^T dW backward
+    for (name, a), grad, up in zip(coefficients.items(), grads, upstream):
+        # A's columns run over (kernel row, kernel column, input channel) in this layout
+        expected = memory.bases[name].T @ up.permute(0, 2, 3, 1).flatten(1)
+        torch.testing.assert_close(grad, expected)
+
+
 def test_official_mode_trains_only_conv_weights_after_the_first_task(tmp_path):
     model, dataset, ctx = build(tmp_path, "--compat", "official")
     initial = copy.deepcopy(dict(model.net.named_parameters()))
@@ -372,8 +422,11 @@ def test_bmkp_forgets_far_less_than_sgd(tmp_path):
     assert results["bmkp"]["bwt"] == 0.0  # stored tasks are predicted from frozen memory
     # The thread count changes the arithmetic: on one thread sgd ends at 91.8, BWT -9.75.
     assert results["sgd"]["bwt"] < -5
-    # sgd's losses are forgetting, not BatchNorm statistics sending a task to one class.
-    assert results["sgd"]["single_class_predictions"] == []
+    # sgd's losses are forgetting, not BatchNorm statistics sending a task to one class: a
+    # task it sends to one class (on an AVX2 CPU, task 1 after task 2) stays there with each
+    # test batch's own statistics.
+    assert all(finding["task_il_with_batch_statistics"] < 60
+               for finding in results["sgd"]["single_class_predictions"])
     assert results["bmkp"]["final_acc"] > results["sgd"]["final_acc"] + 5
     assert set(results["bmkp"]["phase_times"][0]) == {"train", "projection", "retrain",
                                                       "bn_statistics", "eval"}

@@ -14,7 +14,9 @@ import contextlib
 import resource
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -67,17 +69,23 @@ class RandomData:
 
 class OperatorCount(TorchDispatchMode):
     """Counts the operators that reach the kernels (below autograd: forward, backward and
-    optimizer alike), views left out. On a GPU each is a kernel launch with a few microseconds
-    of host work, which is what bounds a step of a network as small as the reduced ResNet-18,
-    so the count predicts GPU step time where no GPU is at hand."""
+    optimizer alike), views left out, per phase of the run (`phase`, called at each operator).
+    On a GPU each is a kernel launch with a few microseconds of host work, which is what bounds
+    a step of a network as small as the reduced ResNet-18, so the count predicts GPU step time
+    where no GPU is at hand."""
 
-    def __init__(self) -> None:
+    def __init__(self, phase: Callable[[], str] = str) -> None:
         super().__init__()
-        self.count = 0
+        self.phase = phase
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not func.is_view:
-            self.count += 1
+            self.counts[self.phase()] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -155,36 +163,51 @@ def measure(args: argparse.Namespace, steps: int, real: bool, task_images: int) 
             bare(1)
 
     # Task 1: the method's own fit_task (its training step as the loop runs it: replay,
-    # old-network passes, ...) for two epochs of `steps` batches, the first a warm-up; the
-    # second epoch of its "train" phase is timed from the epoch record the loop emits.
-    # The first, untimed epoch is also the one whose operators are counted (batching and
-    # augmentation included): counting stops when it ends.
+    # old-network passes, ...) for two epochs of `steps` batches in each training phase, the
+    # first a warm-up; the second epoch of each phase is timed from the epoch record the loop
+    # emits. Each phase's first, untimed epoch is also the one whose operators are counted
+    # (batching and augmentation included): counting starts with the task and again when a
+    # timed epoch ends, and stops when the next first epoch does.
     epochs: list[dict] = []
-    train_ops = OperatorCount()
+    operators: dict[str, float] = {}
+    counters: list[OperatorCount] = []
     stack = contextlib.ExitStack()
 
+    def count_operators() -> None:
+        if counting:
+            counters.append(stack.enter_context(OperatorCount(lambda: ctx.phase_name)))
+
     def on_epoch(kind: str, record: dict) -> None:
-        if kind == "epoch":
+        if kind != "epoch":
+            return
+        epochs.append(record)
+        if record["epoch"] == 1 and counters:
             stack.close()
-            epochs.append(record)
+            operators[record["phase"]] = counters.pop().counts[record["phase"]] / steps
+        elif record["epoch"] == 2:
+            count_operators()
 
     ctx.listeners.append(on_epoch)
     args.n_epochs = 2
+    if getattr(args, "retrain_epochs", None):
+        args.retrain_epochs = 2
     with stack:
-        if counting:
-            stack.enter_context(train_ops)
+        count_operators()
         model.fit_task(1, second.subset(torch.arange(steps * args.batch_size, device=device)),
                        ctx)
-    real_s = next(e["seconds"] for e in epochs
-                  if e["task"] == 1 and e["phase"] == "train" and e["epoch"] == 2) / steps
-
+    seconds = {e["phase"]: e["seconds"] / steps for e in epochs
+               if e["task"] == 1 and e["phase"] in TRAINING_PHASES and e["epoch"] == 2}
+    real_s = seconds["train"]
     report.update(train_images_per_s=args.batch_size / real_s,
                   bound_images_per_s=args.batch_size / bare_s,
                   train_ms_per_batch=1000 * real_s, bound_ms_per_batch=1000 * bare_s,
                   ratio_to_bound=bare_s / real_s)
-    if counting and epochs and epochs[0]["phase"] == "train":
-        report.update(train_operators_per_batch=train_ops.count / steps,
-                      bound_operators_per_batch=bare_ops.count)
+    if "retrain" in seconds:
+        report["retrain_ms_per_batch"] = 1000 * seconds["retrain"]
+    if counting:
+        report.update({f"{phase}_operators_per_batch": operators[phase]
+                       for phase in TRAINING_PHASES if phase in operators})
+        report["bound_operators_per_batch"] = bare_ops.count
 
     ctx.debug = True  # a few batches first, so that --compile compiles outside the timing
     evaluate(model, dataset, 0, ctx)

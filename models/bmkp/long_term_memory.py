@@ -5,6 +5,11 @@ grown by appending) and, per task t, the coefficients A_t^l = B^l^T W_t^l over t
 r_{l,t} columns that existed when task t was stored. Per task it also keeps the state the
 working memory needs to predict that task besides its conv weights: its BatchNorm set and
 its classifier rows (`extras`, stored under the working memory's own parameter names).
+
+A's columns follow the order in which the working memory's convs lay out their weights (input
+channels last for channels-last convs), so that B A is a composed weight in that layout
+without a copy, forward or backward: retraining recomposes every weight at every step.
+`state_dict` and files use the standard order (input channel, kernel row, kernel column).
 """
 from __future__ import annotations
 
@@ -45,11 +50,39 @@ class LongTermMemory(nn.Module):
             self.bases[name] = new.detach().to(torch.float32).contiguous()
         self._cached_task = None
 
+    @property
+    def _inputs_last(self) -> bool:
+        return self.memory_format == torch.channels_last
+
     def project(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A^l = B^l^T W^l (computed in float64, kept as float32) for every projected layer."""
         return {name: (self.bases[name].double().T
-                       @ weights[name].detach().double().flatten(1)).float()
+                       @ self._columns(weights[name].detach().double())).float()
                 for name in self.layer_shapes}
+
+    def _columns(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight as a matrix (outputs x the rest) in the memory's column order."""
+        if self._inputs_last and weight.dim() == 4:
+            weight = weight.permute(0, 2, 3, 1)
+        return weight.flatten(1)
+
+    def _weight(self, name: str, matrix: torch.Tensor) -> torch.Tensor:
+        """Inverse of _columns: a view of `matrix` as the layer's weight, in the layout."""
+        shape = self.layer_shapes[name]
+        if self._inputs_last and len(shape) == 4:
+            outputs, inputs, rows, cols = shape
+            return matrix.view(outputs, rows, cols, inputs).permute(0, 3, 1, 2)
+        return matrix.view(shape)
+
+    def _reorder(self, name: str, a: torch.Tensor, to_layout: bool) -> torch.Tensor:
+        """A's columns from the standard order into the memory's (or back)."""
+        shape = self.layer_shapes[name]
+        if not (self._inputs_last and len(shape) == 4):
+            return a
+        _, inputs, rows, cols = shape
+        if to_layout:
+            return a.reshape(-1, inputs, rows, cols).permute(0, 2, 3, 1).flatten(1)
+        return a.reshape(-1, rows, cols, inputs).permute(0, 3, 1, 2).flatten(1)
 
     def store_task(self, task: int, coefficients: dict[str, torch.Tensor],
                    extras: dict[str, torch.Tensor]) -> None:
@@ -74,8 +107,7 @@ class LongTermMemory(nn.Module):
     def weights_from(self, coefficients: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """W^l = B^l[:, :r] A^l for each layer, r being the number of rows of A^l (the basis
         columns that existed when A^l was made); differentiable in A."""
-        return {name: (self.bases[name][:, :a.shape[0]] @ a).view(self.layer_shapes[name])
-                .contiguous(memory_format=self.memory_format)
+        return {name: self._weight(name, self.bases[name][:, :a.shape[0]] @ a)
                 for name, a in coefficients.items()}
 
     def size_in_floats(self) -> dict[str, int]:
@@ -90,12 +122,15 @@ class LongTermMemory(nn.Module):
     def state_dict(self, *args, **kwargs) -> dict:
         return {"layer_shapes": {n: list(s) for n, s in self.layer_shapes.items()},
                 "bases": dict(self.bases),
-                "coefficients": list(self.coefficients), "extras": list(self.extras)}
+                "coefficients": [{n: self._reorder(n, a, to_layout=False) for n, a in t.items()}
+                                 for t in self.coefficients],
+                "extras": list(self.extras)}
 
     def load_state_dict(self, state: dict, strict: bool = True, assign: bool = False):
         self.layer_shapes = {n: torch.Size(s) for n, s in state["layer_shapes"].items()}
         self.bases = dict(state["bases"])
-        self.coefficients = list(state["coefficients"])
+        self.coefficients = [{n: self._reorder(n, a, to_layout=True) for n, a in t.items()}
+                             for t in state["coefficients"]]
         self.extras = list(state["extras"])
         self._cached_task = None
 
