@@ -67,22 +67,19 @@ class LongTermMemory(nn.Module):
         return weight.flatten(1)
 
     def _weight(self, name: str, matrix: torch.Tensor) -> torch.Tensor:
-        """Inverse of _columns: a view of `matrix` as the layer's weight, in the layout."""
+        """Inverse of _columns: a view of `matrix` (any number of rows) as the layer's weight
+        shape, in the layout."""
         shape = self.layer_shapes[name]
         if self._inputs_last and len(shape) == 4:
-            outputs, inputs, rows, cols = shape
-            return matrix.view(outputs, rows, cols, inputs).permute(0, 3, 1, 2)
-        return matrix.view(shape)
+            _, inputs, rows, cols = shape
+            return matrix.view(-1, rows, cols, inputs).permute(0, 3, 1, 2)
+        return matrix.view(-1, *shape[1:])
 
     def _reorder(self, name: str, a: torch.Tensor, to_layout: bool) -> torch.Tensor:
         """A's columns from the standard order into the memory's (or back)."""
-        shape = self.layer_shapes[name]
-        if not (self._inputs_last and len(shape) == 4):
-            return a
-        _, inputs, rows, cols = shape
         if to_layout:
-            return a.reshape(-1, inputs, rows, cols).permute(0, 2, 3, 1).flatten(1)
-        return a.reshape(-1, rows, cols, inputs).permute(0, 3, 1, 2).flatten(1)
+            return self._columns(a.reshape(-1, *self.layer_shapes[name][1:]))
+        return self._weight(name, a).flatten(1)
 
     def store_task(self, task: int, coefficients: dict[str, torch.Tensor],
                    extras: dict[str, torch.Tensor]) -> None:
