@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
 from contextlib import contextmanager
 from typing import Callable, ClassVar, Iterable, Iterator, Sequence
@@ -25,12 +26,25 @@ from utils.sizes import network_bytes
 from utils.tables import PaperTable
 
 
-def check_finite(loss: torch.Tensor | None, where: str) -> None:
-    """Stop a diverged run with a clear error instead of writing chance-level results; checked
-    once per epoch, on its last loss, so the step loop never waits for the device."""
-    if loss is not None and not bool(torch.isfinite(loss).all()):
-        raise UserError(f"training diverged in {where}: the loss is {loss.item()}; lower --lr "
-                        "or the method's regularisation weight")
+# An epoch whose loss is this many times its phase's first epoch's (or 1, if that is larger)
+# has diverged, though the loss is still finite: a quadratic penalty whose step is too large
+# for its curvature (EWC with a large Fisher on a narrow network) grows it about 30-fold per
+# epoch, and the task ends at chance epochs before the loss overflows.
+DIVERGENCE_FACTOR = 1e4
+
+
+def check_loss(loss: float | None, first: float | None, where: str) -> None:
+    """Stop a diverged run with a clear error instead of writing chance-level results: a
+    non-finite loss, or one DIVERGENCE_FACTOR times the phase's `first` epoch's. Checked once
+    per epoch, on its last loss, so the step loop never waits for the device."""
+    if loss is None:
+        return
+    fix = "lower --lr or the method's regularisation weight"
+    if not math.isfinite(loss):
+        raise UserError(f"training diverged in {where}: the loss is {loss}; {fix}")
+    if first is not None and loss > DIVERGENCE_FACTOR * max(first, 1.0):
+        raise UserError(f"training diverged in {where}: the loss grew from {first:.4g} in the "
+                        f"first epoch to {loss:.4g}; {fix}")
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -236,6 +250,7 @@ class ContinualModel(nn.Module):
         `with_raw` also passes the batch's un-augmented uint8 images: step(x, y, task, raw).
         """
         self.train()
+        first = None
         for epoch in range(n_epochs):
             loss, images, start = None, 0, time.perf_counter()
             for x, y, t, *raw in ctx.batches(data, f"{label} {epoch + 1}/{n_epochs}",
@@ -243,9 +258,10 @@ class ContinualModel(nn.Module):
                 with ctx.autocast():
                     loss = step(x, y, t if task is None else task, *raw)
                 images += len(y)
-            check_finite(loss, f"{ctx.task_label} {label} {epoch + 1}".strip())
-            ctx.log_epoch(epoch + 1, n_epochs, None if loss is None else float(loss),
-                          time.perf_counter() - start, images)
+            value = None if loss is None else float(loss)
+            check_loss(value, first, f"{ctx.task_label} {label} {epoch + 1}".strip())
+            first = value if first is None else first
+            ctx.log_epoch(epoch + 1, n_epochs, value, time.perf_counter() - start, images)
             if self.scheduler is not None:
                 self.scheduler.step()
 

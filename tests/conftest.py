@@ -47,6 +47,34 @@ def synthetic_args(tmp_path):
     return build
 
 
+def _pin_xdist_worker_to_one_core() -> None:
+    """Give each pytest-xdist worker a core of its own (worker i: the i-th core it may use).
+
+    Runs that pick their thread count themselves (main() without --num_threads, scripts run
+    as subprocesses) then take one thread, instead of two workers' threads contending for
+    the same cores, which on a 2-core machine stalls each of them for milliseconds per op.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if worker.startswith("gw") and 1 < workers <= len(cores):
+        os.sched_setaffinity(0, {cores[int(worker[2:])]})
+
+
+_pin_xdist_worker_to_one_core()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first: the end-to-end runs (marked slow, those of test_sanity.py the longest)
+    start while the quick tests wait, so that the quick ones fill the workers' last minutes
+    instead of one worker finishing a long run alone."""
+    def cost(item: pytest.Item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return 2
+        return 0 if item.path.name == "test_sanity.py" else 1
+    items.sort(key=cost)  # stable: each group keeps its order
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Run every test with one intra-op thread.

@@ -61,3 +61,11 @@ def test_benchmark_options_are_listed_and_checked_like_mains(capsys):
     assert "--model_config" in help_text  # utils/main.py's options too
     assert_one_line_error(capsys, main, ["--steps", "0"], "--steps", "must be >= 1")
     assert_one_line_error(capsys, main, ["--nf", "0"], "--nf")
+
+
+def test_more_steps_than_a_task_holds_is_a_one_line_error(capsys):
+    # seq-synthetic's tasks hold 200 training images: 7 batches of 32 would need 224
+    assert_one_line_error(capsys, main, ["--dataset", "seq-synthetic", "--nf", "4",
+                                         "--batch_size", "32", "--steps", "7",
+                                         "--num_threads", "1"],
+                          "--steps 7", "224", "has 200", "--steps 6")
