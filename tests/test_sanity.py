@@ -1,7 +1,7 @@
 """Every registered method learns every task of seq-synthetic with the dataset's defaults:
-no task of the accuracy matrix's diagonal near chance (50%), and no diverged loss (a
-non-finite epoch loss ends the run with exit status 2). A method added later is covered,
-since the cases come from the registry."""
+no task of the accuracy matrix's diagonal near chance (50%), and no diverged loss (an epoch
+loss that is not finite, or 10,000 times its phase's first, ends the run with exit status 2).
+A method added later is covered, since the cases come from the registry."""
 import json
 
 import pytest
