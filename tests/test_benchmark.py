@@ -69,3 +69,8 @@ def test_more_steps_than_a_task_holds_is_a_one_line_error(capsys):
                                          "--batch_size", "32", "--steps", "7",
                                          "--num_threads", "1"],
                           "--steps 7", "224", "has 200", "--steps 6")
+    # not even one batch fits: the batch is what must shrink
+    assert_one_line_error(capsys, main, ["--dataset", "seq-synthetic", "--nf", "4",
+                                         "--batch_size", "256", "--steps", "1",
+                                         "--num_threads", "1"],
+                          "has 200", "--batch_size 200 or smaller")

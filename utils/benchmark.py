@@ -115,10 +115,12 @@ def measure(args: argparse.Namespace, steps: int, real: bool, task_images: int) 
     first = first.subset(torch.arange(min(len(first), n_train), device=device))
     second = second.subset(torch.arange(min(len(second), n_train), device=device))
     if len(second) < steps * args.batch_size:
+        fitting = len(second) // args.batch_size
+        fix = (f"--steps {fitting} or fewer" if fitting else
+               f"--batch_size {len(second)} or smaller")
         raise UserError(f"--steps {steps} at --batch_size {args.batch_size} needs "
                         f"{steps * args.batch_size} images of one task, but {args.dataset}'s "
-                        f"task 2 has {len(second)}: use --steps "
-                        f"{max(1, len(second) // args.batch_size)} or fewer")
+                        f"task 2 has {len(second)}: use {fix}")
     report: dict = {}
 
     # Task 0 end to end with one epoch of each training phase, so task 1 runs with whatever
