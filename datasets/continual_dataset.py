@@ -201,8 +201,15 @@ class SequentialDataset:
         held = []
         for label in torch.unique(y):
             members = torch.nonzero(y == label).squeeze(1)
+            n_held = max(1, round(len(members) * percent / 100))
+            if n_held >= len(members):
+                fix = (f"use --validation {100 * (len(members) - 1) // len(members)} or less"
+                       if len(members) > 1 else "drop --validation")
+                raise UserError(f"--validation {percent:g} holds out all {len(members)} "
+                                f"training images of class {int(label)}, leaving none to "
+                                f"train on; {fix}")
             members = members[torch.randperm(len(members), generator=generator)]
-            held.append(members[:max(1, round(len(members) * percent / 100))])
+            held.append(members[:n_held])
         held_index = torch.cat(held)
         keep = torch.ones(len(y), dtype=torch.bool)
         keep[held_index] = False

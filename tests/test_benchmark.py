@@ -63,6 +63,11 @@ def test_benchmark_options_are_listed_and_checked_like_mains(capsys):
     assert_one_line_error(capsys, main, ["--nf", "0"], "--nf")
 
 
+def test_an_output_path_naming_a_folder_is_a_one_line_error(tmp_path, capsys):
+    assert_one_line_error(capsys, main, ["--out", str(tmp_path)], f"--out: {tmp_path} is a "
+                          f"folder; give a file name such as {tmp_path / 'benchmark.json'}")
+
+
 def test_more_steps_than_a_task_holds_is_a_one_line_error(capsys):
     # seq-synthetic's tasks hold 200 training images: 7 batches of 32 would need 224
     assert_one_line_error(capsys, main, ["--dataset", "seq-synthetic", "--nf", "4",

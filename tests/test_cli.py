@@ -72,11 +72,31 @@ def _assert_one_line_error(capsys, argv, *fragments) -> str:
     (["--model_config", "best"], ["model sgd has no best configuration for seq-synthetic",
                                   "drop --model_config best"]),
     (["--device", "nonsense"], ["--device 'nonsense' is not a device"]),
+    (["--device", "mps"], ["--device mps", "use auto, cpu or cuda"]),
+    (["--lr", "nan"], ["--lr", "nan is not a finite number"]),
+    (["--seed", str(2 ** 32)], ["--seed", "<= 4294967295"]),
+    (["--validation", "100"], ["--validation 100 holds out all 100 training images of class 0",
+                               "use --validation 99 or less"]),
 ], ids=["unknown-model", "unknown-dataset", "missing-dataset", "negative-lr", "not-a-number",
-        "validation-over-100", "no-best-config", "bad-device"])
+        "validation-over-100", "no-best-config", "bad-device", "unsupported-device",
+        "nan-lr", "seed-beyond-numpy", "validation-leaves-no-training-image"])
 def test_bad_options_give_one_line_errors(tmp_path, capsys, argv, fragments):
     base = [] if argv[0] == "--model" else synthetic_argv(tmp_path / "results")
     _assert_one_line_error(capsys, base + argv, *fragments)
+    assert not (tmp_path / "results").exists()
+
+
+def test_output_paths_that_cannot_be_made_are_refused_before_any_work(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    results = tmp_path / "results"
+    _assert_one_line_error(capsys, synthetic_argv(results, "--results_dir", str(a_file)),
+                           f"--results_dir: {a_file} is a file", "give a folder")
+    _assert_one_line_error(capsys, synthetic_argv(results, "--checkpoint_dir", str(a_file / "ck")),
+                           f"{a_file} is a file, so {a_file / 'ck'} cannot be made")
+    _assert_one_line_error(capsys, synthetic_argv(results, "--save_memory", str(tmp_path),
+                                                  model="bmkp"),
+                           f"{tmp_path} is a folder", f"{tmp_path / 'memory.pt'}")
     assert not (tmp_path / "results").exists()
 
 

@@ -317,6 +317,10 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, results):
                                          "--reference", str(bad_reference)],
                           "not in the bmkp_paper.json format")
     assert not (tmp_path / "o").exists()
+    assert_one_line_error(capsys, main, [str(results), "--out", str(bad_reference)],
+                          f"--out: {bad_reference} is a file", "give a folder")
+    assert_one_line_error(capsys, main, [str(results), "--img_dir", str(bad_reference / "img")],
+                          f"{bad_reference} is a file, so")
 
 
 def test_every_paper_table1_row_runs_here_and_meets_its_published_number(tmp_path, capsys):

@@ -40,6 +40,13 @@ def test_options_after_the_separator_reach_every_job(tmp_path, capsys):
                           "--seed after -- are set by utils/reproduce.py itself")
     assert_one_line_error(capsys, reproduce.main, ["--table", "1", "--", "epochs"],
                           "'epochs' after -- is not an option")
+    # checked as utils/main.py will parse them, before any job starts
+    results = tmp_path / "reproduce"
+    assert_one_line_error(capsys, reproduce.main,
+                          ["--table", "1", "--datasets", "seq-synthetic", "--seeds", "0",
+                           "--results_dir", str(results), "--", "--bogus", "1"],
+                          "bmkp on seq-synthetic, seed 0: unrecognized arguments: --bogus 1")
+    assert not results.exists()
 
 
 def _result(folder: Path) -> dict:

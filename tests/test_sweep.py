@@ -76,9 +76,18 @@ def test_option_values_become_command_line_words():
     ({"models": []}, "'models' must be a non-empty list"),
     ({"lr": 0.1}, "unknown keys lr"),
     ({"options": {"seed": 3}}, "seed are set by the sweep itself"),
+    # every job's options are parsed before any job runs
+    ({"options": {"bogus": 1}}, "sgd on seq-synthetic, seed 1: unrecognized arguments: "
+                                 "--bogus 1 (see utils/main.py --help)"),
+    ({"seeds": [1, -2]}, "seed -2: argument --seed: -2 is out of range"),
 ])
 def test_bad_configs_give_one_line_errors(tmp_path, capsys, changes, fragment):
     assert_one_line_error(capsys, sweep.main, [str(_config(tmp_path, **changes))], fragment)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_config_path_naming_a_folder_is_a_one_line_error(tmp_path, capsys):
+    assert_one_line_error(capsys, sweep.main, [str(tmp_path)], f"{tmp_path} is a folder")
 
 
 def test_submitit_backend_without_submitit_is_a_user_error(tmp_path, capsys, monkeypatch):

@@ -4,6 +4,7 @@ import torch
 
 from datasets.continual_dataset import TaskData
 from datasets.seq_synthetic import SequentialSynthetic
+from utils.errors import UserError
 
 
 def _rows(x: torch.Tensor) -> list[bytes]:
@@ -84,6 +85,14 @@ def test_validation_split_is_stratified_disjoint_and_replaces_the_test_set(synth
         union = sorted(zip(held_rows + train_rows, held.y.tolist() + train.y.tolist()))
         assert union == sorted(zip(_rows(full.x), full.y.tolist()))
         assert torch.all(held.t == task)
+
+
+def test_validation_split_keeps_at_least_one_training_image_per_class(synthetic_args):
+    ds = SequentialSynthetic(synthetic_args("--validation", "99"))
+    assert torch.bincount(ds.train_data(0).y).tolist() == [1, 1]
+    with pytest.raises(UserError, match="holds out all 100 training images of class 0, "
+                                        "leaving none to train on; use --validation 99 or less"):
+        SequentialSynthetic(synthetic_args("--validation", "99.9"))
 
 
 def test_validation_split_is_seeded(synthetic_args):

@@ -1,8 +1,8 @@
 """Command-line options: the common ones, plus those of the chosen model and dataset.
 
 Precedence, lowest first: common defaults, the dataset's DEFAULTS, the model's DEFAULTS, its
---model_config best values for the dataset (with its paper network, PAPER_NETWORK), then whatever was
-typed on the command line.
+--model_config best values for the dataset (with its paper network, PAPER_NETWORK), then
+whatever was typed on the command line.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from backbone import BACKBONES
 from datasets import dataset_classes
 from models import model_classes
 from utils.errors import UserError
-from utils.validators import (non_negative_float, non_negative_int, percentage,
-                              positive_float, positive_int, switch)
+from utils.validators import (non_negative_float, non_negative_int, output_folder, percentage,
+                              positive_float, positive_int, random_seed, switch)
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -39,7 +39,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
     """argparse that reports a bad option as one line naming the fix, not a usage dump."""
 
     def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message} (see --help)")
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,19 +55,19 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     exp.add_argument("--data_path", type=Path, default=Path("data"),
                      help="dataset folder: downloaded into when empty (default ./data)")
     seeds = exp.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=non_negative_int, default=0)
-    seeds.add_argument("--seeds", type=non_negative_int, nargs="+", default=None, metavar="S",
+    seeds.add_argument("--seed", type=random_seed, default=0)
+    seeds.add_argument("--seeds", type=random_seed, nargs="+", default=None, metavar="S",
                        help="one run per seed, then an aggregate JSON with mean and std")
     seeds.add_argument("--n_runs", type=positive_int, default=None, metavar="K",
                        help="as --seeds 0 1 ... K-1")
-    exp.add_argument("--class_order_seed", type=non_negative_int, default=None,
+    exp.add_argument("--class_order_seed", type=random_seed, default=None,
                      help="permute the class-to-task assignment with this seed "
                           "(default: label order)")
     exp.add_argument("--validation", type=percentage, default=None, metavar="P",
                      help="hold out P%% of each task's training data and evaluate on it "
                           "instead of the test set")
-    exp.add_argument("--results_dir", type=Path, default=Path("result"))
-    exp.add_argument("--checkpoint_dir", type=Path, default=None, metavar="DIR",
+    exp.add_argument("--results_dir", type=output_folder, default=Path("result"))
+    exp.add_argument("--checkpoint_dir", type=output_folder, default=None, metavar="DIR",
                      help="after each task, save the run's state to "
                           "DIR/<dataset>-<model>-seed<S>.pt")
     exp.add_argument("--resume", action="store_true",

@@ -34,7 +34,7 @@ from utils.errors import UserError  # noqa: E402
 from utils.results import environment, result_path, write_json_atomic  # noqa: E402
 from utils.setup import prepare_backbone, resolve_device, seed_everything, set_threads  # noqa: E402
 from utils.training import evaluate  # noqa: E402
-from utils.validators import positive_int  # noqa: E402
+from utils.validators import output_file, positive_int  # noqa: E402
 
 # Phases that are epochs of SGD steps; every other phase a method times (BMKP's projection
 # and BN statistics, EWC's Fisher, ...) is end-of-task work.
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     own = extra.add_argument_group("benchmark")
     own.add_argument("--steps", type=positive_int, default=10,
                      help="training batches timed (default 10)")
-    own.add_argument("--out", type=Path, default=None,
+    own.add_argument("--out", type=output_file("benchmark.json"), default=None,
                      help="the JSON report (default result/benchmark/<time>.json)")
     own.add_argument("--task_images", type=positive_int, default=10000,
                      help="training images per task for the end-of-task work's share when "

@@ -37,7 +37,7 @@ from utils.figures import (accuracy_heatmap, accuracy_memory, method_styles,  # 
                            task_curves)
 from utils.results import write_atomic  # noqa: E402
 from utils.tables import PaperTable  # noqa: E402
-from utils.validators import switch  # noqa: E402
+from utils.validators import output_folder, switch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "result" / "reference" / "bmkp_paper.json"
@@ -561,9 +561,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("sources", nargs="*", type=Path, default=[Path("result")],
                         metavar="PATH", help="result folders or run JSON files "
                                              "(default: result/)")
-    parser.add_argument("--out", type=Path, default=Path("result/report"),
+    parser.add_argument("--out", type=output_folder, default=Path("result/report"),
                         help="folder for table1.md/.tex, ... (default result/report)")
-    parser.add_argument("--img_dir", type=Path, default=Path("img"),
+    parser.add_argument("--img_dir", type=output_folder, default=Path("img"),
                         help="folder for the figures (default img/)")
     parser.add_argument("--heatmaps", type=switch, default=1,
                         help="0: no per-run accuracy-matrix heatmaps (<img_dir>/runs/), only "

@@ -38,9 +38,10 @@ from models.bmkp.model import BMKP  # noqa: E402
 from utils import benchmark, report  # noqa: E402
 from utils.args import OneLineErrorParser, parse_args  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.sweep import Job, job_folder, option_args, run_job  # noqa: E402
+from utils.sweep import Job, check_jobs, job_folder, option_args, run_job  # noqa: E402
 from utils.training import BUDGET_EXIT  # noqa: E402
-from utils.validators import non_negative_int, positive_float, positive_int  # noqa: E402
+from utils.validators import (output_folder, positive_float, positive_int,  # noqa: E402
+                              random_seed)
 
 PAPER_DATASETS = ("seq-cifar10", "seq-cifar100", "seq-tinyimg")
 # Per table: its datasets and its variants (options beside the table's common ones).
@@ -192,9 +193,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--table", type=int, choices=sorted(TABLES), nargs="+", required=True)
     parser.add_argument("--datasets", nargs="+", choices=list(dataset_classes()),
                         default=None, help="instead of the tables' own datasets")
-    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", type=random_seed, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--compat", choices=("paper", "official"), default="paper")
-    parser.add_argument("--results_dir", type=Path, default=Path("result/reproduce"))
+    parser.add_argument("--results_dir", type=output_folder, default=Path("result/reproduce"))
     parser.add_argument("--jobs", type=positive_int, default=1, help="jobs run at once")
     parser.add_argument("--threads", type=positive_int, default=1, help="CPU threads per job")
     parser.add_argument("--budget_s", type=positive_float, default=None,
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if opts.data_path is not None:
             extra["data_path"] = str(opts.data_path)
         jobs = plan(opts.table, opts.datasets, opts.seeds, opts.compat, extra, opts.results_dir)
+        check_jobs(jobs)
         pending = [job for job in jobs if not job.done()]
         resumable = sum(map(has_checkpoint, pending))
         print(f"{len(jobs)} jobs, {len(jobs) - len(pending)} done, {resumable} resumable, "

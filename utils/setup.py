@@ -29,9 +29,15 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name!r} is not a device; use auto, cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: this framework runs on CPUs and CUDA GPUs; use auto, "
+                        "cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available; "
                         "use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                        f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

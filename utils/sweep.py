@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.args import OneLineErrorParser  # noqa: E402
+from utils.args import parse_args as parse_run_options  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.validators import non_negative_int, positive_int  # noqa: E402
 
@@ -87,6 +88,8 @@ def load_config(path: Path) -> dict:
         config = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"sweep config {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"sweep config {path} is a folder; give the sweep's JSON file") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"sweep config {path} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
@@ -123,6 +126,16 @@ def expand(config: dict, default_root: Path) -> list[Job]:
             jobs.append(Job(model, dataset, seed, options,
                             job_folder(root, model, dataset, point, options, seed)))
     return jobs
+
+
+def check_jobs(jobs: list[Job]) -> None:
+    """Parse every job's options as utils/main.py will, so that a bad option or value is one
+    error before anything runs, not one failed job per grid point."""
+    for job in jobs:
+        try:
+            parse_run_options(job.command(threads=1)[2:])
+        except UserError as exc:
+            raise UserError(f"{job.model} on {job.dataset}, seed {job.seed}: {exc}") from None
 
 
 def run_job(command: list[str], folder: Path) -> int:
@@ -202,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         config = load_config(args.config)
         jobs = expand(config, Path("result") / "sweep" / args.config.stem)
+        check_jobs(jobs)
         if args.backend == "submitit":
             import_submitit()  # fail before any output
         pending = [job for job in jobs if not job.done()]

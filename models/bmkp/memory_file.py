@@ -28,13 +28,6 @@ def per_seed_path(path: Path, seed: int) -> Path:
     return path.with_name(f"{path.stem}-seed{seed}{path.suffix}")
 
 
-def check_writable(path: Path) -> None:
-    """Fail before training, not after it, when --save_memory cannot be honoured."""
-    if path.is_dir():
-        raise UserError(f"--save_memory {path} is a folder; give a file name such as "
-                        f"{path / 'memory.pt'}")
-
-
 def save_memory(model: nn.Module, args: argparse.Namespace, path: Path) -> None:
     payload = {"format": FORMAT, "model": args.model, "dataset": args.dataset,
                "args": {key: getattr(args, key, None) for key in SAVED_OPTIONS},

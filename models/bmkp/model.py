@@ -33,7 +33,6 @@ projection pass uses running statistics or each batch's own (paper mode only).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -44,7 +43,7 @@ from torch.func import functional_call
 
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.bmkp.long_term_memory import LongTermMemory
-from models.bmkp.memory_file import check_writable, per_seed_path, save_memory
+from models.bmkp.memory_file import per_seed_path, save_memory
 from models.bmkp.regularizer import VARIANTS, CompactionLoss
 from models.bmkp.tables import PAPER_TABLES
 from models.continual_model import ContinualModel, exact_bn_statistics
@@ -52,7 +51,8 @@ from utils.context import TrainingContext
 from utils.errors import UserError
 from utils.sizes import network_bytes
 from utils.subspace import ENERGIES, recording_grams, retained_energy, update_basis
-from utils.validators import fraction, non_negative_float, non_negative_int, positive_int
+from utils.validators import (fraction, non_negative_float, non_negative_int, output_file,
+                              positive_int)
 
 # Datasets on which the reference normalises with test-batch statistics (no running stats).
 OFFICIAL_BATCH_STAT_DATASETS = ("seq-cifar10", "seq-cifar100")
@@ -101,7 +101,8 @@ class BMKP(ContinualModel):
                                  "from the paper (see the model's docstring)")
         parser.add_argument("--no_basis_update", action="store_true",
                             help="keep the first task's bases for every task (Table 2 ablation)")
-        parser.add_argument("--save_memory", type=Path, default=None, metavar="FILE",
+        parser.add_argument("--save_memory", type=output_file("memory.pt"), default=None,
+                            metavar="FILE",
                             help="after the run, save the long-term memory for "
                                  "models/bmkp/evaluate.py; with several seeds "
                                  "FILE-seed<S>.<ext> each")
@@ -113,7 +114,6 @@ class BMKP(ContinualModel):
         if args.save_memory is not None:
             if args.seeds is not None or args.n_runs is not None:
                 args.save_memory = per_seed_path(args.save_memory, args.seed)
-            check_writable(args.save_memory)
         if args.compat == "official":
             if (args.energy != "sigma2" or args.projection_bn != "running"
                     or getattr(args, "normalize_inputs", 0)):
