@@ -49,12 +49,13 @@ def test_local_sweep_runs_each_job_once_then_skips_them(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_failed_job_is_reported_with_its_log(tmp_path, capsys):
-    config = _config(tmp_path, grid={"lr": [-1]})
+    # options that parse but that the method refuses once built (bad options never start)
+    config = _config(tmp_path, models=["agem"], grid={"buffer_size": [3]})
     assert sweep.main([str(config)]) == 1
     out, err = capsys.readouterr()
     assert "0 jobs finished, 1 failed" in out
     log = Path(err.split("failed: ")[1].strip())
-    assert "error: argument --lr" in log.read_text()
+    assert "error: agem gives each task an equal share of the buffer" in log.read_text()
 
 
 def test_job_folders_are_deterministic_and_differ_with_the_options(tmp_path):
