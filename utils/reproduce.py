@@ -38,7 +38,7 @@ from models.bmkp.model import BMKP  # noqa: E402
 from utils import benchmark, report  # noqa: E402
 from utils.args import OneLineErrorParser, parse_args  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.sweep import Job, check_jobs, job_folder, option_args, run_job  # noqa: E402
+from utils.sweep import Job, check_jobs, job_folder, run_job  # noqa: E402
 from utils.training import BUDGET_EXIT  # noqa: E402
 from utils.validators import (output_folder, positive_float, positive_int,  # noqa: E402
                               random_seed)
@@ -131,8 +131,7 @@ def start_mps(log=print) -> None:
 
 def job_args(job: Job, threads: int) -> argparse.Namespace:
     """The job's options as utils/main.py settles them."""
-    return parse_args(["--model", job.model, "--dataset", job.dataset,
-                       "--num_threads", str(threads), *option_args(job.options)])
+    return parse_args(job.main_argv(threads))
 
 
 def estimate_s(job: Job, seconds_per_step: float) -> float:

@@ -39,12 +39,16 @@ class Job:
     options: dict
     folder: Path
 
+    def main_argv(self, threads: int) -> list[str]:
+        """Its utils/main.py options; `threads` is its --num_threads unless the options set
+        one (they come later, so they win)."""
+        return ["--model", self.model, "--dataset", self.dataset, "--seed", str(self.seed),
+                "--results_dir", str(self.folder), "--quiet", "--num_threads", str(threads),
+                *option_args(self.options)]
+
     def command(self, threads: int) -> list[str]:
-        """Its utils/main.py command line; `threads` is its --num_threads unless the options
-        set one (they come later, so they win)."""
-        return [sys.executable, str(MAIN), "--model", self.model, "--dataset", self.dataset,
-                "--seed", str(self.seed), "--results_dir", str(self.folder), "--quiet",
-                "--num_threads", str(threads), *option_args(self.options)]
+        """Its utils/main.py command line."""
+        return [sys.executable, str(MAIN), *self.main_argv(threads)]
 
     def done(self) -> bool:
         """Its result JSON exists (written atomically, so it is complete)."""
@@ -133,7 +137,7 @@ def check_jobs(jobs: list[Job]) -> None:
     error before anything runs, not one failed job per grid point."""
     for job in jobs:
         try:
-            parse_run_options(job.command(threads=1)[2:])
+            parse_run_options(job.main_argv(threads=1))
         except UserError as exc:
             raise UserError(f"{job.model} on {job.dataset}, seed {job.seed}: {exc}") from None
 

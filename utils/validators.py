@@ -37,20 +37,15 @@ switch = _number(int, 0, True, 1)
 random_seed = _number(int, 0, True, MAX_SEED)
 
 
-def _file_above(path: Path) -> Path | None:
-    """The nearest existing ancestor of `path` when it is a file (nothing can be made below
-    it); None when that ancestor is a folder."""
+def _check_no_file_above(text: str, path: Path) -> None:
+    """Refuse `path` when its nearest existing ancestor is a file (nothing can be made below
+    it)."""
     for parent in path.parents:
         if parent.exists():
-            return None if parent.is_dir() else parent
-    return None
-
-
-def _check_no_file_above(text: str, path: Path) -> None:
-    blocker = _file_above(path)
-    if blocker is not None:
-        raise argparse.ArgumentTypeError(f"{blocker} is a file, so {text} cannot be made "
-                                         "below it; give another path")
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"{parent} is a file, so {text} cannot be "
+                                                 "made below it; give another path")
+            return
 
 
 def output_folder(text: str) -> Path:
