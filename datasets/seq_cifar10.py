@@ -1,8 +1,6 @@
 """Seq-CIFAR-10: 5 tasks of 2 classes, 32x32."""
 import argparse
 
-from torchvision.datasets import CIFAR10
-
 from datasets.cifar_inputs import NormalizableInputs
 from datasets.continual_dataset import RawSplits, SequentialDataset
 from datasets.sources import load_cifar
@@ -17,5 +15,5 @@ class SequentialCIFAR10(NormalizableInputs, SequentialDataset):
     CHANNEL_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
     def load(self, args: argparse.Namespace) -> RawSplits:
-        return load_cifar(args.data_path, self.NAME, CIFAR10, "cifar-10-batches-py",
+        return load_cifar(args.data_path, self.NAME, "CIFAR10", "cifar-10-batches-py",
                           "cifar10-jpeg", self.n_classes)

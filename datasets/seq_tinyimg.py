@@ -4,8 +4,6 @@ import os
 import zipfile
 from pathlib import Path
 
-from torchvision.datasets.utils import check_integrity, download_and_extract_archive
-
 from datasets.continual_dataset import RawSplits, SequentialDataset
 from datasets.sources import download_failure, load_tiny_imagenet
 
@@ -27,6 +25,8 @@ class SequentialTinyImageNet(SequentialDataset):
         data_path: Path = args.data_path
         root = self._locate(data_path)
         if root is None:
+            # Imported here: torchvision adds seconds to the start of every command.
+            from torchvision.datasets.utils import check_integrity, download_and_extract_archive
             try:
                 download_and_extract_archive(self.URL, download_root=str(data_path),
                                              md5=self.MD5)

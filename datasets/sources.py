@@ -125,8 +125,13 @@ def load_image_folders(root: Path, n_classes: int, size: int, dataset: str,
     return cached_decode(cache_dir, f"{dataset}-folders", files, decode)
 
 
-def load_torchvision_cifar(root: Path, dataset_cls: type, download: bool) -> RawSplits:
-    """CIFAR-10/100 through torchvision (its own pickled layout; downloads when asked)."""
+def load_torchvision_cifar(root: Path, class_name: str, download: bool) -> RawSplits:
+    """CIFAR-10/100 through torchvision (its own pickled layout; downloads when asked).
+    torchvision is imported here, not at start-up, where it would add seconds to every
+    command, --help and one-line errors included."""
+    import torchvision.datasets
+
+    dataset_cls = getattr(torchvision.datasets, class_name)
     arrays = {}
     for split, train in (("train", True), ("test", False)):
         data = dataset_cls(root=str(root), train=train, download=download)
@@ -181,17 +186,17 @@ def download_failure(dataset: str, data_path: Path, reason: str, layouts: str) -
         f"--data_path DIR (e.g. '../shared/data/unpack DEST' then --data_path DEST)")
 
 
-def load_cifar(data_path: Path, dataset: str, dataset_cls: type, torchvision_folder: str,
+def load_cifar(data_path: Path, dataset: str, torchvision_class: str, torchvision_folder: str,
                jpeg_folder: str, n_classes: int) -> RawSplits:
     """Find CIFAR under data_path in any supported layout, downloading it when absent."""
     cache_dir = data_path / ".cache"
     if (data_path / torchvision_folder).is_dir():
-        return load_torchvision_cifar(data_path, dataset_cls, download=False)
+        return load_torchvision_cifar(data_path, torchvision_class, download=False)
     for root in (data_path, data_path / jpeg_folder):
         if (root / "train").is_dir() and (root / "test").is_dir():
             return load_image_folders(root, n_classes, 32, dataset, cache_dir)
     try:
-        return load_torchvision_cifar(data_path, dataset_cls, download=True)
+        return load_torchvision_cifar(data_path, torchvision_class, download=True)
     except (OSError, RuntimeError, ValueError) as exc:
         layouts = (f"{torchvision_folder}/ (torchvision's layout), {{train,test}}/<class>/<image> "
                    f"or {jpeg_folder}/{{train,test}}/<class>/<image> (image folders)")

@@ -1,8 +1,9 @@
 """The contract every continual-learning method follows.
 
 The loop calls, for each task: begin_task, fit_task, end_task; then evaluates with
-forward(x, task) (through all_task_logits). Most methods only write `observe` (one optimisation step on a batch);
-a method that owns its whole per-task procedure (e.g. BMKP) overrides fit_task.
+forward(x, task) (through all_task_logits). Most methods only write `observe` (one
+optimisation step on a batch); a method that owns its whole per-task procedure (e.g. BMKP)
+overrides fit_task.
 """
 from __future__ import annotations
 

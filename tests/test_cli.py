@@ -49,6 +49,18 @@ def test_help_lists_models_and_datasets_whole(columns):
 
 
 @pytest.mark.slow
+def test_start_up_does_not_import_torchvision():
+    # torchvision's import costs seconds before every command, --help and errors included;
+    # only the loaders that need it (torchvision's CIFAR layout, a download) import it.
+    done = subprocess.run([sys.executable, "-c", "import sys, utils.main, utils.report, "
+                           "utils.reproduce; print(sorted(m for m in sys.modules "
+                           "if m.startswith('torchvision')))"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
 def test_script_reports_bad_input_in_one_line_without_traceback():
     done = _run_main_script("--model", "nope", "--dataset", "seq-synthetic")
     assert done.returncode == 2

@@ -240,7 +240,8 @@ def test_pass_refuses_per_task_batchnorm_and_momentum(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_run_writes_a_complete_result(tmp_path, capsys):
-    result, _ = run_synthetic(tmp_path, capsys, "--n_epochs", "1", "--proto_radius", "class", model="pass")
+    result, _ = run_synthetic(tmp_path, capsys, "--n_epochs", "1", "--proto_radius", "class",
+                              model="pass")
     check_result(result, "pass")
     assert result["config"]["kd_weight"] == 10.0 and result["config"]["temperature"] == 0.1
     assert set(result["memory"]["breakdown_bytes"]) == {"network", "rotation_heads",

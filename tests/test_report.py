@@ -190,7 +190,8 @@ def test_rows_off_the_papers_protocol_are_labelled_and_get_no_diff(tmp_path, cap
     run_report(tmp_path, capsys, folder)
     md = (tmp_path / "out" / "table1.md").read_text()
     rows = table_rows(md)
-    assert rows["derpp"][3:] == ["93.71 +- 0.40", "n/a", "5/50 epochs, nf 20/64, grid/global pooling, 1/5 seeds"]
+    assert rows["derpp"][3:] == ["93.71 +- 0.40", "n/a",
+                                 "5/50 epochs, nf 20/64, grid/global pooling, 1/5 seeds"]
     assert rows["er"][3:] == ["-", "-", "-"]  # the paper has no ER row
     assert rows["bmkp"][3:] == ["94.49 +- 0.20", "-0.49", "paper"]
     assert "diff n/a: the runs' protocol differs from the paper's" in md

@@ -9,12 +9,12 @@ import subprocess
 import tempfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
 import numpy
 import torch
-import torchvision
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ def code_version(repo: Path = REPO) -> dict | None:
 def environment(device: torch.device) -> dict:
     """What produced a result: code version, library versions, machine."""
     info = {"code": code_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+            "torchvision": package_version("torchvision"), "numpy": numpy.__version__,
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
             "python": platform.python_version(), "device": str(device),
             "num_threads": torch.get_num_threads(), "platform": platform.platform()}
