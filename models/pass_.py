@@ -64,6 +64,11 @@ Departures:
   at begin_task from the same weights and dropped at end_task (it is not needed at test
   time), so a resumed run rebuilds it from the restored network.
 - Old prototypes are drawn on the device from torch's generator (the reference: numpy).
+- After the first task the reference runs the network twice per step in training mode (the
+  logits, then the features for the distillation), so BatchNorm's running statistics take
+  two updates per step from the same batch statistics. Here one pass computes both, and for
+  t > 0 the running statistics' momentum is that of two updates, 1 - (1 - m)^2 (0.19 for
+  PyTorch's 0.1): the same statistics (num_batches_tracked counts one step, not two).
 
 Memory between tasks: the network, the rotation heads (3C x (D + 1) per task), the
 prototypes (D floats per seen class) and radii (one float per class). Cost per step: the
@@ -83,7 +88,7 @@ import torch.nn.functional as F
 
 from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
-from models.continual_model import ContinualModel, frozen_copy
+from models.continual_model import ContinualModel, frozen_copy, tracked_norms
 from utils.context import TrainingContext
 from utils.errors import UserError
 from utils.sizes import network_bytes, tensor_bytes
@@ -125,6 +130,12 @@ def class_statistics(features: torch.Tensor, labels: torch.Tensor,
         means.append(own.mean(0))
         radii.append(own.var(0).mean().sqrt())
     return torch.stack(means), torch.stack(radii)
+
+
+def two_update_momentum(momentum: float) -> float:
+    """The running-statistics momentum of one update that equals two updates with `momentum`
+    from the same batch statistics: (1 - m)^2 r + (1 - (1 - m)^2) s."""
+    return 1 - (1 - momentum) ** 2
 
 
 def feature_distillation(features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:
@@ -179,13 +190,17 @@ class Pass(ContinualModel):
         self.register_buffer("prototypes", torch.zeros(0, head.in_features), persistent=False)
         self.register_buffer("radii", torch.zeros(0), persistent=False)
         self.old_net: TaskNetwork | None = None
+        self.base_momenta = [norm.momentum for norm in tracked_norms(net)]
 
     def make_optimizer(self, params: list) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.args.lr, weight_decay=self.args.optim_wd)
 
     def begin_task(self, task: int, data: TaskData) -> None:
-        """A fresh Adam over the network and the rotation heads; the frozen copy for t > 0."""
+        """A fresh Adam over the network and the rotation heads; for t > 0 the frozen copy
+        and the running statistics' momentum of the reference's two passes per step."""
         self.reset_optimizer([*self.net.parameters(), *self.rotation_heads.parameters()])
+        for norm, momentum in zip(tracked_norms(self.net), self.base_momenta):
+            norm.momentum = momentum if task == 0 else two_update_momentum(momentum)
         if task > 0:
             self.old_net = frozen_copy(self.net)
 

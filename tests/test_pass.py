@@ -1,9 +1,10 @@
 """PASS: the rotation label augmentation, the prototype augmentation and the class statistics
 against hand computations, the Task-IL rotation logits, the stored prototypes and radii, the
-feature distillation at the start of a task, memory and checkpoint state, and an end-to-end
-run through main()."""
+feature distillation at the start of a task, the running statistics of the reference's passes
+per step, memory and checkpoint state, and an end-to-end run through main()."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from helpers import (assert_one_line_error, build_on_cpu, check_result, cpu_context,
                      run_synthetic, synthetic_argv)
+from models.continual_model import tracked_norms
 from models.pass_ import (Pass, augment_prototypes, class_statistics, feature_distillation,
                           rotate_batch)
 from utils.main import main
@@ -210,6 +212,38 @@ def test_the_training_loss_starts_a_task_with_zero_distillation(synthetic_args):
     without = method.pass_loss(x, y, 1)
     method.args.kd_weight = 10.0
     torch.testing.assert_close(method.pass_loss(x, y, 1), without)
+
+
+def _running_statistics(net) -> list[torch.Tensor]:
+    return [s.clone() for norm in tracked_norms(net) for s in (norm.running_mean,
+                                                                norm.running_var)]
+
+
+@pytest.mark.parametrize("task, passes", [(0, 1), (1, 2)])
+def test_running_statistics_move_as_the_references_passes_per_step(synthetic_args, task,
+                                                                   passes):
+    """The reference's step runs the network once on the first task and twice after it (the
+    logits, then the features): its running statistics, from an untouched copy run that many
+    times in training mode, against ours after one step."""
+    method, dataset = _method(synthetic_args)
+    if task:
+        _learn(method, dataset, 0)
+    data = dataset.train_data(task)
+    method.begin_task(task, data)
+    method.train()
+    x, y = data.x[:16].float() / 255, data.y[:16]
+    reference = copy.deepcopy(method.net)
+    for norm in tracked_norms(reference):
+        norm.momentum = 0.1  # PyTorch's, which the backbone builds with
+    with torch.no_grad():
+        for _ in range(passes):
+            reference.features(rotate_batch(x, y)[0], task)
+    before = _running_statistics(method.net)
+    method.observe(x, y, task)
+    after = _running_statistics(method.net)
+    assert all(not torch.equal(a, b) for a, b in zip(after, before))
+    for ours, theirs in zip(after, _running_statistics(reference)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
 def test_memory_and_checkpoint_hold_the_prototypes_and_rotation_heads(synthetic_args):
