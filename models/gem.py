@@ -37,7 +37,9 @@ def project_to_cone(grad: torch.Tensor, refs: torch.Tensor, margin: float) -> to
 
 class Gem(Agem):
     """Shares A-GEM's memory (an equal share per finished task) and gradient plumbing; only
-    the constraint differs: one per past task instead of one on their average."""
+    the constraint differs: one per past task instead of one on their average. Each step's
+    memory gradients are taken on augmented copies (random crop and flip), as in mammoth's
+    GEM (`buffer.get_data(..., transform=self.transform)`), whose hyperparameters these are."""
 
     NAME = "gem"
     # Best values with a 500-image buffer from mammoth's utils/best_args.py (aimagelab/mammoth,
@@ -65,8 +67,7 @@ class Gem(Agem):
         stored_tasks = self.buffer.t[:len(self.buffer)]
         refs, reached = [], []
         for past in range(task):
-            memory = self.buffer.gather(torch.nonzero(stored_tasks == past).squeeze(1),
-                                        augment=False)
+            memory = self.buffer.gather(torch.nonzero(stored_tasks == past).squeeze(1))
             ref, hits = self._gradient(F.cross_entropy(self.net(memory.x, memory.t), memory.y))
             refs.append(ref)
             reached.append(hits)

@@ -15,8 +15,10 @@ vectorised Grad-CAM map, for the class b_i below, at the last conv layer:
 
 with A the layer's output (channels k, spatial positions) and y_b the logit of class b_i.
 The reference is FACIL (mmasana/FACIL, src/approach/lwm.py), followed for the class choice,
-the L2 normalisation of each image's vectorised map (F.normalize, eps 1e-12), the L1 distance
-per image and the mean over the batch, and for computing both maps in eval mode.
+the L1 distance per image and the mean over the batch, and for computing both maps in eval
+mode. The L2 normalisation of each image's vectorised map (F.normalize, eps 1e-12) is the
+paper's: FACIL's torch.norm(p=2, dim=1) acts on its maps' single channel axis, so it leaves
+them unnormalised (which changes nothing there: its attention loss has no gradient, below).
 
 Which class, across heads. A new task's image has no head among the old ones, so the class
 is chosen from all of them: b_i is the argmax of the old network's logits of heads 0..t-1,

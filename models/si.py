@@ -8,6 +8,13 @@ task, and the anchor moves to the current weights; later steps add
 c * sum_i importance_i (theta_i - anchor_i)^2 to the loss (no 1/2, as in mammoth, so its
 published c applies). Only shared parameters are tracked (see models/penalty.py).
 
+Two ways to accumulate omega and take the step (--omega_mode). `paper` (the default): as
+above. `mammoth`: mammoth's SI (aimagelab/mammoth, models/si.py), which its published c was
+tuned with: the gradient of the whole loss (task loss plus penalty) is clipped to [-1, 1]
+elementwise (clip_grad_value_) before the step, and omega += lr * g^2 with that clipped total
+gradient and --lr (-g * step for plain SGD, used whatever the optimizer and schedule).
+`--model_config best` runs mammoth's values in mammoth's mode.
+
 omega exists only while a task is trained, so it is not part of the memory between tasks.
 """
 from __future__ import annotations
@@ -28,8 +35,10 @@ class Si(PenaltyModel):
     # mammoth's published best arguments for Task-/Class-IL without a buffer
     # (aimagelab/mammoth, utils/best_args.py, best_args[dataset]['si'][-1]).
     BEST_CONFIGS = {
-        "seq-cifar10": dict(lr=0.03, c=0.5, xi=1.0, batch_size=32, n_epochs=50),
-        "seq-tinyimg": dict(lr=0.03, c=0.5, xi=1.0, batch_size=32, n_epochs=100),
+        "seq-cifar10": dict(lr=0.03, c=0.5, xi=1.0, batch_size=32, n_epochs=50,
+                            omega_mode="mammoth"),
+        "seq-tinyimg": dict(lr=0.03, c=0.5, xi=1.0, batch_size=32, n_epochs=100,
+                            omega_mode="mammoth"),
     }
 
     @staticmethod
@@ -38,6 +47,9 @@ class Si(PenaltyModel):
                             help="weight of the surrogate-loss penalty")
         parser.add_argument("--xi", type=positive_float, default=1.0,
                             help="damping of the importance: omega / (Delta^2 + xi)")
+        parser.add_argument("--omega_mode", choices=("paper", "mammoth"), default="paper",
+                            help="paper: omega += -g_task * step taken; mammoth: gradients "
+                                 "clipped to [-1, 1], omega += lr * g^2 (its published c)")
 
     def __init__(self, net, dataset: SequentialDataset, args: argparse.Namespace) -> None:
         super().__init__(net, dataset, args)
@@ -48,6 +60,8 @@ class Si(PenaltyModel):
         self.omega = [torch.zeros_like(p) for p in self.penalty.params]
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
+        if self.args.omega_mode == "mammoth":
+            return self._mammoth_observe(x, y, task)
         params = self.penalty.params
         self.optimizer.zero_grad(set_to_none=True)
         task_loss = F.cross_entropy(self.net(x, task), y)
@@ -62,6 +76,21 @@ class Si(PenaltyModel):
             for omega, g, p, b in zip(self.omega, task_grads, params, before):
                 omega.sub_(g * (p - b))
         return (task_loss + penalty).detach()
+
+    def _mammoth_observe(self, x: torch.Tensor, y: torch.Tensor,
+                         task: int | torch.Tensor) -> torch.Tensor:
+        """mammoth's step: the whole loss's gradient clipped to [-1, 1], then
+        omega += lr * g^2 of that clipped gradient."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.net(x, task), y) + self.args.c * self.penalty()
+        loss.backward()
+        torch.nn.utils.clip_grad_value_(self.net.parameters(), 1.0)
+        self.optimizer.step()
+        with torch.no_grad():
+            for omega, p in zip(self.omega, self.penalty.params):
+                if p.grad is not None:
+                    omega.add_(self.args.lr * p.grad.pow(2))
+        return loss.detach()
 
     def end_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         importance = [omega / (delta.pow(2) + self.args.xi)

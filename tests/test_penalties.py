@@ -200,6 +200,33 @@ def test_si_path_integral_ignores_the_penalty_gradient(synthetic_args):
         torch.testing.assert_close(omega, -g * (p.detach() - b), rtol=1e-4, atol=1e-9)
 
 
+def test_si_mammoth_mode_clips_the_total_gradient_and_accumulates_lr_g_squared(
+        synthetic_args):
+    """mammoth's SI step: the gradient of task loss plus penalty, clipped to [-1, 1], moves
+    each weight by -lr * g and adds lr * g^2 to omega."""
+    lr = 0.05
+    dataset, method = build_on_cpu(synthetic_args, "si", "--omega_mode", "mammoth",
+                                   "--lr", str(lr), "--c", "100")
+    data = dataset.train_data(0).subset(torch.arange(8))
+    x, y = _images(data), data.y
+    method.begin_task(0, data)
+    method.end_task(0, data, cpu_context())
+    _perturb(method.net)  # away from the anchor: a large penalty gradient, clipped
+    method.begin_task(1, data)
+    method.train()
+    params = method.penalty.params
+    loss = F.cross_entropy(method.net(x, 1), y) + 100 * method.penalty()
+    grads = [g.clamp(-1, 1) for g in torch.autograd.grad(loss, params)]
+    assert any((g.abs() == 1).any() for g in grads)  # the clip is reached
+    before = [p.detach().clone() for p in params]
+    method.observe(x, y, 1)
+    for omega, g, p, b in zip(method.omega, grads, params, before):
+        torch.testing.assert_close(p.detach() - b, -lr * g, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(omega, lr * g.pow(2), rtol=1e-4, atol=1e-9)
+    best = parse_args(["--model", "si", "--dataset", "seq-cifar10", "--model_config", "best"])
+    assert (best.omega_mode, best.c, best.lr) == ("mammoth", 0.5, 0.03)
+
+
 def test_lwf_targets_come_from_the_network_before_the_task(synthetic_args):
     dataset, method = build_on_cpu(synthetic_args, "lwf")
     ctx = cpu_context()

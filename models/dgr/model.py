@@ -9,7 +9,7 @@ with it, each loss weighted as the paper's
 
 (r is the paper's ratio of real data; by default every task so far counts equally, as in
 van de Ven et al.'s generative replay, GMvandeVen/continual-learning, train/train_task_based.py,
-rnt = 1 / tasks so far; kuc2477's reimplementation defaults to r = 0.5).
+rnt = 1 / tasks so far; kuc2477's reimplementation defaults to r = 0.3, main.py).
 
 - Solver ("train" phase, `observe`): each step adds --minibatch_size images sampled from the
   previous generator, labelled with the previous solver's predicted class (hard labels, as
@@ -45,8 +45,13 @@ Where this departs from the paper and its code:
   learning-rate decay (0.95): a fresh Adam each task, as the solver's fresh optimizer.
 - The generator learns the task's un-augmented images (the data, not the crop-and-flip
   augmentation); the solver learns augmented real images and un-augmented generated ones.
-- The mixing ratio weights the two losses within every step; kuc2477's code instead draws
-  each whole batch from the scholar with probability 1 - r.
+- The mixing ratio weights the two losses within every step, as kuc2477's later code does
+  (dgr.py, Solver.train_a_batch; its first version drew each whole batch from the scholar
+  with probability 1 - r).
+- Real and replayed images go through the solver as one batch (one training-mode pass, so
+  BatchNorm normalises them with shared batch statistics and its running statistics take
+  one update per step); kuc2477's Solver.train_a_batch and van de Ven's train_a_batch run
+  them as separate batches (two or more passes per step, each with its own statistics).
 - The frozen copies run in eval mode (BatchNorm with their running statistics): replay must
   not depend on the batch it is drawn in.
 
