@@ -79,18 +79,20 @@ class Si(PenaltyModel):
 
     def _mammoth_observe(self, x: torch.Tensor, y: torch.Tensor,
                          task: int | torch.Tensor) -> torch.Tensor:
-        """mammoth's step: the whole loss's gradient clipped to [-1, 1], then
+        """mammoth's step (the whole loss's gradient clipped in adjust_gradients), then
         omega += lr * g^2 of that clipped gradient."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.net(x, task), y) + self.args.c * self.penalty()
-        loss.backward()
-        torch.nn.utils.clip_grad_value_(self.net.parameters(), 1.0)
-        self.optimizer.step()
+        loss = self.optimizer_step(F.cross_entropy(self.net(x, task), y)
+                                   + self.args.c * self.penalty())
         with torch.no_grad():
             for omega, p in zip(self.omega, self.penalty.params):
                 if p.grad is not None:
                     omega.add_(self.args.lr * p.grad.pow(2))
-        return loss.detach()
+        return loss
+
+    def adjust_gradients(self) -> None:
+        """mammoth mode clips every gradient to [-1, 1] (clip_grad_value_) before the step."""
+        if self.args.omega_mode == "mammoth":
+            torch.nn.utils.clip_grad_value_(self.net.parameters(), 1.0)
 
     def end_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         importance = [omega / (delta.pow(2) + self.args.xi)
