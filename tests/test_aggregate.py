@@ -79,6 +79,13 @@ def test_shared_config_protocol_and_differing_keys():
     old_bmkp = {**a, "model": "bmkp"}
     assert protocol(old_bmkp)["energy"] == "sigma2" and "energy" not in protocol(a)
     assert protocol(old_bmkp) != protocol({**old_bmkp, "energy": "sigma"})
+    # si's runs before --omega_mode took the paper's omega; dgr's before --replay_passes one
+    # mixed batch
+    old_si, old_dgr = {**a, "model": "si"}, {**a, "model": "dgr"}
+    assert protocol(old_si) == protocol({**old_si, "omega_mode": "paper"})
+    assert protocol(old_si) != protocol({**old_si, "omega_mode": "mammoth"})
+    assert protocol(old_dgr) == protocol({**old_dgr, "replay_passes": "joint"})
+    assert protocol(old_dgr) != protocol({**old_dgr, "replay_passes": "separate"})
     assert differing_keys([{"x": 1}, {"x": 1, "y": None}]) == ["y"]
 
 

@@ -3,13 +3,15 @@ task ids, labels from the previous solver through each task's head), the loss mi
 generator replaying itself, memory and checkpoints, and an end-to-end run through main()."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from helpers import (assert_one_line_error, build_on_cpu, check_result, cpu_context,
                      network_bytes, run_synthetic, synthetic_argv)
-from models.dgr.model import mixed_loss
+from models.dgr.model import in_passes, mixed_loss
 from models.dgr.vae import ConvVAE, stage_widths, vae_loss
 from utils.errors import UserError
 from utils.main import main
@@ -90,7 +92,7 @@ def test_replay_has_the_solvers_input_shape_dtype_and_task_ids(synthetic_args):
     past = method.generated_replay(2)
     assert past.x.shape == (7, 3, 16, 16) and past.x.dtype == torch.float32
     assert 0 <= past.x.min() and past.x.max() <= 1 and not past.x.requires_grad
-    assert past.t.tolist() == [0, 1, 0, 1, 0, 1, 0]  # the earlier tasks in equal shares
+    assert past.t.tolist() == [0, 0, 0, 0, 1, 1, 1]  # the earlier tasks in equal shares
     assert past.t.dtype == past.y.dtype == torch.long
     assert ((0 <= past.y) & (past.y < 2)).all()
     _, method = _method_at_task(synthetic_args, 1, "--channels_last", "1")
@@ -105,7 +107,7 @@ def test_replayed_labels_come_from_the_previous_solver_through_each_tasks_head(s
         with torch.no_grad():
             for task, label in enumerate(favoured):
                 net.head(task).bias.copy_(torch.tensor([-1e4, 1e4]) * (1 if label else -1))
-    assert method.generated_replay(2).y.tolist() == [1, 0, 1, 0, 1, 0]
+    assert method.generated_replay(2).y.tolist() == [1, 1, 1, 0, 0, 0]
 
 
 def test_the_solver_step_mixes_real_and_replayed_losses(synthetic_args):
@@ -126,6 +128,62 @@ def test_the_solver_step_mixes_real_and_replayed_losses(synthetic_args):
     assert default.new_task_weight(3) == 0.25  # every task so far alike
 
 
+def test_passes_split_the_batch_as_each_reference_does(synthetic_args):
+    _, method = _method_at_task(synthetic_args, 3, "--minibatch_size", "7")
+    assert method.replay_shares(3) == [3, 2, 2]
+    assert method.replay_tasks(3).tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert method.pass_sizes(8, 3) == [15]  # joint: one mixed batch
+    assert method.pass_sizes(8, 0) == [8]
+    _, method = _method_at_task(synthetic_args, 3, "--minibatch_size", "7",
+                                "--replay_passes", "separate")
+    assert method.pass_sizes(8, 3) == [8, 7]
+    _, method = _method_at_task(synthetic_args, 3, "--minibatch_size", "2",
+                                "--replay_passes", "per_task")
+    assert method.replay_shares(3) == [1, 1, 0]
+    assert method.pass_sizes(8, 3) == [8, 1, 1]  # a task with no image gets no pass
+    assert method.pass_sizes(8, 0) == [8]
+
+
+def test_in_passes_concatenates_tensor_and_tuple_outputs():
+    x = torch.arange(6.0)
+    assert in_passes(lambda a: a * 2, [2, 4], x).tolist() == [0, 2, 4, 6, 8, 10]
+    seen = []
+
+    def pair(a, b):
+        seen.append(len(a))
+        return a + b, a - b
+    total, difference = in_passes(pair, [1, 2, 3], x, torch.ones(6))
+    assert seen == [1, 2, 3]
+    assert total.tolist() == (x + 1).tolist() and difference.tolist() == (x - 1).tolist()
+
+
+@pytest.mark.parametrize("passes", ["separate", "per_task"])
+def test_passes_normalise_and_update_batchnorm_per_pass(synthetic_args, passes):
+    dataset, method = _method_at_task(synthetic_args, 2, "--minibatch_size", "6",
+                                      "--replay_passes", passes, "--new_task_weight", "0.3")
+    data = dataset.train_data(2)
+    x, y = data.x[:8].float() / 255, data.y[:8]
+    untouched = copy.deepcopy(method.net)  # the network before the step, in training mode
+    torch.manual_seed(1)
+    past = method.generated_replay(2)
+    groups = [(x, torch.full_like(y, 2), y)]
+    if passes == "separate":
+        groups.append((past.x, past.t, past.y))
+    else:
+        groups += [(past.x[past.t == k], past.t[past.t == k], past.y[past.t == k])
+                   for k in range(2)]
+    losses = [F.cross_entropy(untouched(inputs, tasks), labels, reduction="none")
+              for inputs, tasks, labels in groups]
+    expected = 0.3 * losses[0].mean() + 0.7 * torch.cat(losses[1:]).mean()
+    torch.manual_seed(1)  # the same generated batch
+    assert method.observe(x, y, 2).item() == pytest.approx(expected.item(), rel=1e-5)
+    # The running statistics took one update per pass, each from its own batch statistics.
+    for ours, theirs in zip(method.net.modules(), untouched.modules()):
+        if isinstance(ours, torch.nn.BatchNorm2d):
+            torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+            torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
 def test_the_generator_replays_itself(synthetic_args):
     dataset, method = _method_at_task(synthetic_args, 2, "--minibatch_size", "5")
     drawn = []
@@ -143,7 +201,7 @@ def test_the_generator_replays_itself(synthetic_args):
     loss = method.generator_step(None, data.y[:8], 2, data.x[:8])
     assert loss.ndim == 0 and torch.isfinite(loss) and not loss.requires_grad
     ((tasks, images),) = drawn
-    assert tasks == [0, 1, 0, 1, 0] and images.shape == (5, 3, 16, 16)
+    assert tasks == [0, 0, 0, 1, 1] and images.shape == (5, 3, 16, 16)
     after = method.generator.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it stepped
     assert all(not p.requires_grad for p in method.previous_generator.parameters())

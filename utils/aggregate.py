@@ -22,7 +22,9 @@ NON_PROTOCOL_KEYS = RUN_KEYS + ("data_path", "device", "num_threads", "channels_
 OPTIONS_ADDED_LATER = {"shortcut": "identity", "head_bias": 1, "feature_pool": "grid",
                        "exact_bn_stats": 0}
 METHOD_OPTIONS_ADDED_LATER = {"bmkp": {"energy": "sigma2", "projection_bn": "running"},
-                              "ewc_on": {"fisher_mode": "exact"}}
+                              "ewc_on": {"fisher_mode": "exact"},
+                              "si": {"omega_mode": "paper"},
+                              "dgr": {"replay_passes": "joint"}}
 DATASET_OPTIONS_ADDED_LATER = {"seq-cifar10": {"normalize_inputs": 0},
                                "seq-cifar100": {"normalize_inputs": 0}}
 

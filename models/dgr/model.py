@@ -26,14 +26,15 @@ Which task a replayed image belongs to. A Task-IL solver classifies an image wit
 head, so every replayed image needs a task id. The generator is task-conditional (the task's
 one-hot vector enters its encoder and decoder): a replayed image is drawn *for* a task, and
 the previous solver labels it through that task's head. The replayed batch is split evenly
-over the earlier tasks (image i belongs to task i mod t: equal shares, no draw), as van de
-Ven's code does with a conditional generator in Task-IL (train/train_task_based.py: a
-batch of ceil(batch / t) per earlier task). With Shin's unconditional generator the image's
-task is unknown: sending it to one head at random gives most heads images of other tasks
-((t-1)/t of them), and replaying it through every earlier head (van de Ven's choice for an
-unconditional generator) costs t losses per image and still trains each head on the other
-tasks' inputs; conditioning keeps each head on its own task's inputs and lets the generator
-keep the tasks' distributions apart, for n_tasks extra inputs to two linear layers.
+over the earlier tasks (equal shares in consecutive runs, no draw; the first tasks one image
+more when they do not divide evenly), as van de Ven's code does with a conditional generator
+in Task-IL (train/train_task_based.py: a batch of ceil(batch / t) per earlier task). With
+Shin's unconditional generator the image's task is unknown: sending it to one head at random
+gives most heads images of other tasks ((t-1)/t of them), and replaying it through every
+earlier head (van de Ven's choice for an unconditional generator) costs t losses per image
+and still trains each head on the other tasks' inputs; conditioning keeps each head on its
+own task's inputs and lets the generator keep the tasks' distributions apart, for n_tasks
+extra inputs to two linear layers.
 
 Where this departs from the paper and its code:
 - The generator is a VAE, the convolutional one the BMKP authors carry in their fork
@@ -48,10 +49,15 @@ Where this departs from the paper and its code:
 - The mixing ratio weights the two losses within every step, as kuc2477's later code does
   (dgr.py, Solver.train_a_batch; its first version drew each whole batch from the scholar
   with probability 1 - r).
-- Real and replayed images go through the solver as one batch (one training-mode pass, so
-  BatchNorm normalises them with shared batch statistics and its running statistics take
-  one update per step); kuc2477's Solver.train_a_batch and van de Ven's train_a_batch run
-  them as separate batches (two or more passes per step, each with its own statistics).
+- How real and replayed images share the training-mode passes, --replay_passes: by default
+  (joint) they go through the solver, and through the generator, as one batch, as ER's
+  stored images do in mammoth (whose ER settings the solver takes): BatchNorm normalises them
+  with shared batch statistics and its running statistics take one update per step.
+  kuc2477's Solver.train_a_batch runs the real and the replayed batch as two passes
+  (separate); van de Ven's train_a_batch one pass for the real batch and one per earlier task
+  (per_task). Each pass normalises with its own batch statistics and updates the running
+  statistics once. The losses are weighted alike in every mode (van de Ven averages the
+  per-task means, the same weights when the tasks' shares are equal).
 - The frozen copies run in eval mode (BatchNorm with their running statistics): replay must
   not depend on the batch it is drawn in.
 
@@ -65,6 +71,7 @@ generator; a resumed run rebuilds the copies at begin_task from the restored one
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +93,18 @@ def mixed_loss(losses: torch.Tensor, n_current: int, weight: float) -> torch.Ten
     if n_current == len(losses):
         return losses.mean()
     return weight * losses[:n_current].mean() + (1 - weight) * losses[n_current:].mean()
+
+
+def in_passes(module: torch.nn.Module, sizes: list[int], *inputs: torch.Tensor) -> Any:
+    """module applied to consecutive slices of the inputs of the given sizes, one call each
+    (in training mode, one set of BatchNorm batch statistics per slice), the outputs (a
+    tensor or a tuple of them) concatenated back in order."""
+    if len(sizes) == 1:
+        return module(*inputs)
+    outputs = [module(*parts) for parts in zip(*(part.split(sizes) for part in inputs))]
+    if isinstance(outputs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outputs))
+    return torch.cat(outputs)
 
 
 class Dgr(ContinualModel):
@@ -120,6 +139,12 @@ class Dgr(ContinualModel):
                             help="channels of the generator's first stage (doubling per stage)")
         parser.add_argument("--latent_dim", type=positive_int, default=128,
                             help="latent dimensions of the generator")
+        parser.add_argument("--replay_passes", choices=("joint", "separate", "per_task"),
+                            default="joint",
+                            help="training-mode passes of the current batch and the replay "
+                                 "through the solver and the generator: one mixed batch "
+                                 "(joint), the two apart (separate, kuc2477's DGR), or the "
+                                 "replay split further by task (per_task, van de Ven's)")
         parser.add_argument("--kld_weight", type=non_negative_float, default=0.00025,
                             help="weight of the generator's KL term against its per-pixel "
                                  "reconstruction error")
@@ -160,10 +185,28 @@ class Dgr(ContinualModel):
     def end_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         self.previous_net = self.previous_generator = None
 
+    def replay_shares(self, task: int) -> list[int]:
+        """Replayed images per earlier task while `task` is learned: equal shares, one more
+        for the first tasks when they do not divide evenly."""
+        size = self.minibatch_size
+        return [size // task + (earlier < size % task) for earlier in range(task)]
+
     def replay_tasks(self, task: int) -> torch.Tensor:
-        """Task ids of a replayed batch while `task` is learned: 0..task-1 in equal shares."""
+        """Task ids of a replayed batch while `task` is learned: 0..task-1 in consecutive
+        runs of replay_shares(task) images."""
         device = self.generator.fc_mu.weight.device
-        return torch.arange(self.minibatch_size, device=device) % task
+        return (torch.arange(self.minibatch_size, device=device) % task).sort().values
+
+    def pass_sizes(self, n_current: int, task: int) -> list[int]:
+        """How a batch of n_current current images followed by the replay splits into
+        training-mode passes (--replay_passes)."""
+        if task == 0:
+            return [n_current]
+        if self.args.replay_passes == "joint":
+            return [n_current + self.minibatch_size]
+        if self.args.replay_passes == "separate":
+            return [n_current, self.minibatch_size]
+        return [n_current, *(share for share in self.replay_shares(task) if share)]
 
     @torch.no_grad()
     def generated_replay(self, task: int) -> ReplaySample:
@@ -178,7 +221,8 @@ class Dgr(ContinualModel):
             return self.optimizer_step(F.cross_entropy(self.net(x, task), y))
         past = self.generated_replay(task)
         inputs, labels, tasks = with_replay(x, y, task, past)
-        losses = F.cross_entropy(self.net(inputs, tasks), labels, reduction="none")
+        logits = in_passes(self.net, self.pass_sizes(len(y), task), inputs, tasks)
+        losses = F.cross_entropy(logits, labels, reduction="none")
         return self.optimizer_step(mixed_loss(losses, len(y), self.new_task_weight(task)))
 
     def train_generator(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
@@ -205,7 +249,8 @@ class Dgr(ContinualModel):
             with torch.no_grad():
                 past = self.as_input(self.previous_generator.sample(past_tasks))
             inputs, tasks = torch.cat((inputs, past)), torch.cat((tasks, past_tasks))
-        recons, mu, log_var = self.generator(inputs, tasks)
+        recons, mu, log_var = in_passes(self.generator, self.pass_sizes(len(y), task),
+                                        inputs, tasks)
         losses = vae_loss(recons, inputs, mu, log_var, self.args.kld_weight)
         loss = mixed_loss(losses, len(y), self.new_task_weight(task))
         self.generator_optimizer.zero_grad(set_to_none=True)
