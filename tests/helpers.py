@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 N_TASKS = SequentialSynthetic.N_TASKS
 KEYS = {"model", "dataset", "seed", "started_at", "finished_at", "accuracy_matrix",
         "avg_accuracy", "final_acc", "bwt", "forgetting", "phase_times", "total_time_s",
-        "memory", "config", "environment"}
+        "memory", "config", "environment", "single_class_predictions", "unlearned_tasks"}
 
 
 def synthetic_argv(results_dir: Path, *extra: str, model: str = "sgd") -> list[str]:

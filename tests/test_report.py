@@ -17,10 +17,10 @@ _run_ids = itertools.count()
 
 
 def write_run(folder, model, dataset, seed, last_row, memory_mb=1.0, per_task_memory=True,
-              agnostic_row=None, single_class=None, **config):
+              agnostic_row=None, single_class=None, unlearned=None, **config):
     """A run JSON as utils/main.py writes it (only the fields the report reads), 2 tasks;
     without `agnostic_row`, as runs made before task-agnostic accuracy was measured; without
-    `single_class`, as runs made before tasks predicting one class were looked for."""
+    `single_class` or `unlearned`, as runs made before those findings were looked for."""
     matrix = [[last_row[0] + 1.0], last_row]
     run = {"model": model, "dataset": dataset, "seed": seed, **summarize(matrix),
            "memory": {"total_mb": memory_mb},
@@ -33,6 +33,8 @@ def write_run(folder, model, dataset, seed, last_row, memory_mb=1.0, per_task_me
         run["task_agnostic"] = summarize([matrix[0], agnostic_row])
     if single_class is not None:
         run["single_class_predictions"] = single_class
+    if unlearned is not None:
+        run["unlearned_tasks"] = unlearned
     path = folder / dataset / model / f"run{next(_run_ids)}-seed{seed}.json"
     write_json_atomic(run, path)
     return path
@@ -117,6 +119,22 @@ def test_a_task_predicting_one_class_in_the_final_evaluation_is_flagged(tmp_path
     assert err.splitlines() == ["warning: lwm on seq-cifar10: seed 1's task 2 predicts one "
                                 "class in the final evaluation (50.0; 74.4 on batch statistics)"]
     assert "- [1cls]: in a run's final evaluation a task predicts one class" in md
+
+
+def test_a_task_near_chance_right_after_learning_is_flagged(tmp_path, capsys):
+    """Seed 0 scored task 2 near chance right after learning it (flagged whatever came later);
+    seed 1 found nothing and seed 2 predates the check."""
+    event = {"after_task": 1, "task": 1, "task_il": 52.0, "task_il_with_batch_statistics": 94.0}
+    folder = tmp_path / "result"
+    write_run(folder, "dgr", "seq-cifar10", 0, [90.0, 52.0], unlearned=[event])
+    write_run(folder, "dgr", "seq-cifar10", 1, [90.0, 90.0], unlearned=[])
+    write_run(folder, "dgr", "seq-cifar10", 2, [90.0, 90.0])
+    _, err = run_report(tmp_path, capsys, folder)
+    md = (tmp_path / "out" / "table1.md").read_text()
+    assert table_rows(md)["dgr"][0].endswith("(3 seeds) [unlearned]")
+    assert err.splitlines() == ["warning: dgr on seq-cifar10: seed 0's task 2 scored 52.0 right "
+                                "after it was learned, near chance; 94.0 on batch statistics"]
+    assert "- [unlearned]: a run scored a task near chance right after learning it" in md
 
 
 @pytest.mark.slow

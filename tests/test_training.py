@@ -25,8 +25,9 @@ from utils.results import epoch_log_path, text_log_path, write_json_atomic
 from utils.setup import set_deterministic
 from models.continual_model import (DIVERGENCE_FACTOR, batch_statistics, check_loss,
                                      tracked_norms)
-from utils.training import (RUNNING_STATISTICS_MARGIN, Accuracies, diagnose_single_class,
-                            evaluate, single_class_warning)
+from utils.training import (LEARNED_MARGIN, RUNNING_STATISTICS_MARGIN, Accuracies,
+                            diagnose_unlearned, diagnose_with_batch_statistics, evaluate,
+                            single_class_warning, unlearned_warning)
 
 N_TASKS = SequentialSynthetic.N_TASKS
 CHANCE = 100.0 / SequentialSynthetic.N_CLASSES_PER_TASK
@@ -183,10 +184,67 @@ def test_a_task_sent_to_one_class_by_its_statistics_is_reported(tmp_path, capsys
     assert single_class_warning(events[0], N_TASKS) in log
 
 
+def test_unlearned_warning_names_the_task_and_chance():
+    event = {"after_task": 3, "task": 3, "task_il": 52.0, "task_il_with_batch_statistics": 94.0}
+    line = unlearned_warning(event, 5, 2)
+    assert line.startswith("warning: task 4/5 scores 52.0 right after it was learned, less "
+                           "than 10 points above chance (50.0); ")
+    assert "scores 94.0, so the running statistics, not the weights, put it there" in line
+    assert "chance (10.0)" in unlearned_warning(event, 10, 10)
+
+
+def test_only_a_task_just_learned_near_chance_and_not_single_class_is_unlearned(
+        synthetic_args):
+    dataset, method = build_on_cpu(synthetic_args, "sgd")
+    method.eval()
+    bound = CHANCE + LEARNED_MARGIN
+
+    def finding(score: float, single_class: list[int]) -> dict | None:
+        accuracies = Accuracies([99.0, score], [99.0, score], single_class)
+        return diagnose_unlearned(method, dataset, 1, accuracies, cpu_context())
+
+    assert finding(bound, []) is None and finding(bound + 30, []) is None
+    assert finding(bound - 1, [1]) is None  # the single-class finding covers it
+    event = finding(bound - 1, [])
+    assert event["after_task"] == event["task"] == 1 and event["task_il"] == bound - 1
+    assert event["task_il_with_batch_statistics"] is not None
+
+
+def _swap_head_classes_after(task: int):
+    """An end_task that afterwards swaps the two classes' rows of `task`'s head: the task
+    then predicts both classes, each where the other belongs (100 - its accuracy)."""
+    end_task = Sgd.end_task
+
+    def swapping_end_task(self, task_id, data, ctx):
+        end_task(self, task_id, data, ctx)
+        if task_id == task:
+            head = self.net.head(task)
+            with torch.no_grad():
+                head.weight.copy_(head.weight.flip(0))
+                head.bias.copy_(head.bias.flip(0))
+    return swapping_end_task
+
+
+def test_a_task_not_learned_is_reported(tmp_path, capsys, monkeypatch):
+    """A task whose head is swapped after learning scores under chance while predicting both
+    classes: the run logs and records it, with its (as low) score on batch statistics."""
+    monkeypatch.setattr(Sgd, "end_task", _swap_head_classes_after(1))
+    result, path = run_synthetic(tmp_path, capsys, "--exact_bn_stats", "1")
+    learned = [result["accuracy_matrix"][t][t] for t in (0, 2, 3, 4)]
+    assert min(learned) >= CHANCE + LEARNED_MARGIN  # only the swapped task is flagged
+    (event,) = result["unlearned_tasks"]
+    assert event["after_task"] == event["task"] == 1
+    assert event["task_il"] == result["accuracy_matrix"][1][1] < CHANCE
+    assert event["task_il_with_batch_statistics"] < CHANCE + RUNNING_STATISTICS_MARGIN
+    log = text_log_path(path).read_text()
+    assert unlearned_warning(event, N_TASKS, 2) in log
+    assert "so its weights lost the task" in log
+
+
 def test_a_network_without_running_statistics_blames_the_weights(synthetic_args):
     dataset, method = build_on_cpu(synthetic_args, "gpm")
     assert not tracked_norms(method)
-    event = diagnose_single_class(method, dataset, 0, 0, CHANCE, cpu_context())
+    event = diagnose_with_batch_statistics(method, dataset, 0, 0, CHANCE, cpu_context())
     assert event["task_il_with_batch_statistics"] is None
 
 
@@ -235,8 +293,10 @@ def test_every_run_keeps_a_timestamped_text_log_also_under_quiet(tmp_path, capsy
     tasks = [line[24:] for line in lines[1:-1] if not line[24:].startswith("warning: ")]
     assert [line.split(": avg acc")[0] for line in tasks] == [
         f"task {t}/{N_TASKS}" for t in range(1, N_TASKS + 1)]
-    # One warning line after its task's line for each task found predicting one class.
-    assert len(lines) - 2 - len(tasks) == len(result["single_class_predictions"])
+    # One warning line after its task's line for each task found predicting one class, or
+    # near chance right after it was learned.
+    assert len(lines) - 2 - len(tasks) == (len(result["single_class_predictions"])
+                                           + len(result["unlearned_tasks"]))
     assert lines[-1].endswith(f"final Task-IL ACC {result['final_acc']:.2f}  task-agnostic ACC "
                               f"{result['task_agnostic']['final_acc']:.2f}  BWT "
                               f"{result['bwt']:.2f}  memory {result['memory']['total_mb']:.2f}"

@@ -57,6 +57,7 @@ def save_checkpoint(path: Path, args: argparse.Namespace, model: ContinualModel,
              "matrix": progress.matrix, "agnostic_matrix": progress.agnostic_matrix,
              "memory_mb": progress.memory_mb,
              "elapsed_s": progress.elapsed_s, "single_class": progress.single_class,
+             "unlearned": progress.unlearned,
              "phase_times": ctx.phase_times,
              "started_at": started_at, "model": model.checkpoint_state(), "rng": _rng_state()}
     write_atomic(path, lambda f: torch.save(state, f), binary=True)
@@ -81,7 +82,9 @@ def load_checkpoint(path: Path, args: argparse.Namespace, model: ContinualModel,
     model.load_checkpoint_state(state["model"])
     ctx.phase_times = state["phase_times"]
     _set_rng_state(state["rng"])
-    # Checkpoints written before the single-class check carry no findings for their tasks.
+    # Checkpoints written before the single-class and unlearned-task checks carry no
+    # findings for their tasks.
     progress = Progress(state["matrix"], state["agnostic_matrix"], state["memory_mb"],
-                        state["elapsed_s"], state.get("single_class", []))
+                        state["elapsed_s"], state.get("single_class", []),
+                        state.get("unlearned", []))
     return progress, state["started_at"]

@@ -42,7 +42,7 @@ from utils.validators import output_folder, switch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "result" / "reference" / "bmkp_paper.json"
 PAPER_DATASETS = ("seq-cifar10", "seq-cifar100", "seq-tinyimg")
-FEW, DUPLICATE, ONE_CLASS = "few", "dup", "1cls"
+FEW, DUPLICATE, ONE_CLASS, UNLEARNED = "few", "dup", "1cls", "unlearned"
 
 
 @dataclass
@@ -294,6 +294,23 @@ def flag_single_class(groups: list[Group]) -> list[str]:
     return warnings
 
 
+def flag_unlearned(groups: list[Group]) -> list[str]:
+    """Flag groups with a run that scored a task near chance right after learning it (see
+    utils/training.py, diagnose_unlearned). Runs made before the check carry no findings."""
+    warnings = []
+    for g in groups:
+        for run in g.runs:
+            for event in run.get("unlearned_tasks", []):
+                if UNLEARNED not in g.flags:
+                    g.flags.append(UNLEARNED)
+                batch = event["task_il_with_batch_statistics"]
+                on_batch = "" if batch is None else f"; {batch:.1f} on batch statistics"
+                warnings.append(f"{g.label} on {g.dataset}: seed {run['seed']}'s task "
+                                f"{event['task'] + 1} scored {event['task_il']:.1f} right "
+                                f"after it was learned, near chance{on_batch}")
+    return warnings
+
+
 # ---- tables ---------------------------------------------------------------------------------
 def _ref_text(ref: dict) -> str:
     return f"{ref['mean']:.2f}" + ("" if ref.get("std") is None else f" +- {ref['std']:.2f}")
@@ -401,6 +418,9 @@ def legend(rows: list[Row], most_seeds: int, columns: list[tuple[str, Cell]]) ->
         notes.append(f"[{ONE_CLASS}]: in a run's final evaluation a task predicts one class "
                      "for all its test images (docs/experiments.md, 'A task that predicts one "
                      "class').")
+    if UNLEARNED in flags:
+        notes.append(f"[{UNLEARNED}]: a run scored a task near chance right after learning it "
+                     "(docs/experiments.md, 'A task that predicts one class').")
     return notes
 
 
@@ -584,7 +604,8 @@ def report(opts: argparse.Namespace, warn: Callable[[str], None],
     groups = group_runs(find_runs(opts.sources, warn))
     for g in groups:
         reference["protocol"].compare(g)
-    warnings = label_groups(groups) + flag_seeds(groups) + flag_single_class(groups)
+    warnings = (label_groups(groups) + flag_seeds(groups) + flag_single_class(groups)
+                + flag_unlearned(groups))
     for w in warnings:
         warn(w)
     written = []

@@ -79,14 +79,18 @@ def evaluate(model: ContinualModel, dataset: SequentialDataset, last_task: int,
 # Points above the collapsed accuracy that batch statistics must recover before the warning
 # blames the running statistics rather than the weights.
 RUNNING_STATISTICS_MARGIN = 10.0
+# Points above chance (100 / classes per task) a task must score right after it is learned
+# (the sanity test's bound: 60 on two classes); under them the run warns.
+LEARNED_MARGIN = 10.0
 
 
-def diagnose_single_class(model: ContinualModel, dataset: SequentialDataset, last_task: int,
-                          task: int, accuracy: float, ctx: TrainingContext) -> dict:
-    """What a task whose predictions all fall on one class would score with each test batch's
-    own BatchNorm statistics: far above chance, the weights still hold it and the running
-    statistics (another task's, or stale) send it there; near chance, the weights lost it.
-    None where the network keeps no running statistics to blame."""
+def diagnose_with_batch_statistics(model: ContinualModel, dataset: SequentialDataset,
+                                   last_task: int, task: int, accuracy: float,
+                                   ctx: TrainingContext) -> dict:
+    """What a task that scores like chance would score with each test batch's own BatchNorm
+    statistics: far above chance, the weights still hold it and the running statistics
+    (another task's, or stale) send it there; near chance, the weights lost it (or never
+    learned it). None where the network keeps no running statistics to blame."""
     batch_accuracy = None
     if tracked_norms(model):
         with _inference(model), batch_statistics(model):
@@ -101,15 +105,41 @@ def evaluate_and_diagnose(model: ContinualModel, dataset: SequentialDataset, las
     """evaluate, and diagnose_single_class for each task whose predictions all fall on one
     class."""
     accuracies = evaluate(model, dataset, last_task, ctx)
-    events = [diagnose_single_class(model, dataset, last_task, task, accuracies.task_il[task], ctx)
+    events = [diagnose_with_batch_statistics(model, dataset, last_task, task,
+                                             accuracies.task_il[task], ctx)
               for task in accuracies.single_class]
     return accuracies, events
 
 
+def diagnose_unlearned(model: ContinualModel, dataset: SequentialDataset, task: int,
+                       accuracies: Accuracies, ctx: TrainingContext) -> dict | None:
+    """The finding for the task just learned when it scores less than LEARNED_MARGIN above
+    chance while predicting more than one class (a task predicting one class is the
+    single-class finding already); None when it was learned."""
+    accuracy = accuracies.task_il[task]
+    chance = 100.0 / dataset.N_CLASSES_PER_TASK
+    if task in accuracies.single_class or accuracy >= chance + LEARNED_MARGIN:
+        return None
+    return diagnose_with_batch_statistics(model, dataset, task, task, accuracy, ctx)
+
+
 def single_class_warning(event: dict, n_tasks: int) -> str:
-    """The log line of diagnose_single_class's finding, tasks numbered from 1 as in the log."""
+    """The log line of a single-class finding, tasks numbered from 1 as in the log."""
     line = (f"warning: after task {event['after_task'] + 1}/{n_tasks}, task {event['task'] + 1} "
             f"predicts one class for all its test images (Task-IL {event['task_il']:.1f}); ")
+    return line + _cause(event)
+
+
+def unlearned_warning(event: dict, n_tasks: int, classes_per_task: int) -> str:
+    """The log line of diagnose_unlearned's finding, tasks numbered from 1 as in the log."""
+    line = (f"warning: task {event['task'] + 1}/{n_tasks} scores {event['task_il']:.1f} right "
+            f"after it was learned, less than {LEARNED_MARGIN:.0f} points above chance "
+            f"({100.0 / classes_per_task:.1f}); ")
+    return line + _cause(event)
+
+
+def _cause(event: dict) -> str:
+    """What a finding's score on batch statistics says lost the task."""
     batch = event["task_il_with_batch_statistics"]
     if batch is None:
         cause = ("the network normalises with batch statistics already, so its weights lost "
@@ -120,7 +150,7 @@ def single_class_warning(event: dict, n_tasks: int) -> str:
                    else "its weights lost the task")
         cause = (f"with its test batches' own BatchNorm statistics it scores {batch:.1f}, so "
                  + verdict)
-    return line + cause + " (docs/experiments.md, 'A task that predicts one class')"
+    return cause + " (docs/experiments.md, 'A task that predicts one class')"
 
 
 @dataclass
@@ -134,6 +164,7 @@ class Progress:
     memory_mb: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
     single_class: list[dict] = field(default_factory=list)
+    unlearned: list[dict] = field(default_factory=list)
 
     @property
     def next_task(self) -> int:
@@ -175,6 +206,7 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
         model.end_task(task, train, ctx)
         with ctx.phase("eval"):
             accuracies, events = evaluate_and_diagnose(model, dataset, task, ctx)
+            unlearned = diagnose_unlearned(model, dataset, task, accuracies, ctx)
         row, agnostic = accuracies.task_il, accuracies.task_agnostic
         progress.matrix.append(row)
         progress.agnostic_matrix.append(agnostic)
@@ -187,6 +219,9 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
         for event in events:
             log(single_class_warning(event, dataset.N_TASKS))
         progress.single_class.extend(events)
+        if unlearned is not None:
+            log(unlearned_warning(unlearned, dataset.N_TASKS, dataset.N_CLASSES_PER_TASK))
+            progress.unlearned.append(unlearned)
         ctx.emit("task", {"task": task, "task_il": row, "task_agnostic": agnostic,
                           "phase_times": ctx.phase_times[-1]})
         if after_task is not None:
@@ -198,4 +233,5 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
     return {**summarize(progress.matrix), "task_agnostic": summarize(progress.agnostic_matrix),
             "memory_per_task_mb": progress.memory_mb,
             "single_class_predictions": progress.single_class,
+            "unlearned_tasks": progress.unlearned,
             "phase_times": ctx.phase_times, "total_time_s": time.perf_counter() - start}
