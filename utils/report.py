@@ -29,6 +29,7 @@ from typing import Callable, Hashable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from datasets import dataset_classes  # noqa: E402
 from models import model_classes  # noqa: E402
 from utils.aggregate import aggregate_runs, differing_keys, protocol  # noqa: E402
 from utils.args import OneLineErrorParser  # noqa: E402
@@ -37,6 +38,7 @@ from utils.figures import (accuracy_heatmap, accuracy_memory, method_styles,  # 
                            task_curves)
 from utils.results import write_atomic  # noqa: E402
 from utils.tables import PaperTable  # noqa: E402
+from utils.training import LEARNED_MARGIN  # noqa: E402
 from utils.validators import output_folder, switch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -295,19 +297,31 @@ def flag_single_class(groups: list[Group]) -> list[str]:
 
 
 def flag_unlearned(groups: list[Group]) -> list[str]:
-    """Flag groups with a run that scored a task near chance right after learning it (see
-    utils/training.py, diagnose_unlearned). Runs made before the check carry no findings."""
+    """Flag groups with a run that scored a task less than LEARNED_MARGIN above chance right
+    after learning it: read from the accuracy matrix's diagonal, so runs made before runs
+    looked for it (utils/training.py, diagnose_unlearned) are checked too; with the score on
+    batch statistics where the run recorded one (an unlearned or single-class finding)."""
+    classes = {name: cls.N_CLASSES_PER_TASK for name, cls in dataset_classes().items()}
     warnings = []
     for g in groups:
+        if g.dataset not in classes:
+            continue
+        bound = 100.0 / classes[g.dataset] + LEARNED_MARGIN
         for run in g.runs:
-            for event in run.get("unlearned_tasks", []):
+            recorded = run.get("single_class_predictions", []) + run.get("unlearned_tasks", [])
+            batch_scores = {e["task"]: e["task_il_with_batch_statistics"]
+                            for e in recorded if e["after_task"] == e["task"]}
+            matrix = run["accuracy_matrix"]
+            for task in range(len(matrix)):
+                if matrix[task][task] >= bound:
+                    continue
                 if UNLEARNED not in g.flags:
                     g.flags.append(UNLEARNED)
-                batch = event["task_il_with_batch_statistics"]
+                batch = batch_scores.get(task)
                 on_batch = "" if batch is None else f"; {batch:.1f} on batch statistics"
                 warnings.append(f"{g.label} on {g.dataset}: seed {run['seed']}'s task "
-                                f"{event['task'] + 1} scored {event['task_il']:.1f} right "
-                                f"after it was learned, near chance{on_batch}")
+                                f"{task + 1} scored {matrix[task][task]:.1f} right after it "
+                                f"was learned, near chance{on_batch}")
     return warnings
 
 
