@@ -102,8 +102,8 @@ def diagnose_with_batch_statistics(model: ContinualModel, dataset: SequentialDat
 
 def evaluate_and_diagnose(model: ContinualModel, dataset: SequentialDataset, last_task: int,
                           ctx: TrainingContext) -> tuple[Accuracies, list[dict]]:
-    """evaluate, and diagnose_single_class for each task whose predictions all fall on one
-    class."""
+    """evaluate, and diagnose_with_batch_statistics for each task whose predictions all fall
+    on one class."""
     accuracies = evaluate(model, dataset, last_task, ctx)
     events = [diagnose_with_batch_statistics(model, dataset, last_task, task,
                                              accuracies.task_il[task], ctx)
