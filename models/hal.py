@@ -28,9 +28,13 @@ exist only within a task, so the between-task memory does not count them.
 
 Where this differs from mammoth's code:
 - Its extra forward passes (the anchors twice per step, the batch again for phi) run in
-  training mode, so they also move BatchNorm's running statistics towards the synthetic
-  anchors. Here they normalise with the batch's own statistics as there, but leave the
-  running statistics to the training batches (same losses, unpolluted test-time statistics).
+  training mode, so they also move BatchNorm's running statistics, twice of the four moves
+  per step towards the synthetic anchors. By default they normalise with the batch's own
+  statistics as there, but leave the running statistics to the training batches (same
+  losses, unpolluted test-time statistics); --bn_updates mammoth lets them move the running
+  statistics as there, in its order, and --model_config best takes it, as it takes mammoth's
+  other arguments. (Its anchor learning runs a spare network with buffers of its own, so
+  there the running statistics stay untouched in both.)
 - The temporary step is plain SGD (the paper's theta~), and the optimizer steps once per
   batch: with --optim_mom or --optim_wd, mammoth's two optimizer steps would apply momentum
   and weight decay to the discarded step too. Without them (its best arguments) the two agree.
@@ -45,8 +49,7 @@ Where this differs from mammoth's code:
 from __future__ import annotations
 
 import argparse
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -55,6 +58,7 @@ from torch.func import functional_call, vmap
 
 from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
+from models.continual_model import batch_statistics
 from models.replay import ReplayModel, with_replay
 from utils.buffer import RingBuffer
 from utils.context import TrainingContext
@@ -89,23 +93,6 @@ def score(net: TaskNetwork, params: Params | None, x: torch.Tensor,
     if params is None:
         return scorer(x, task)
     return functional_call(scorer, {f"net.{name}": p for name, p in params.items()}, (x, task))
-
-
-@contextmanager
-def batch_statistics(net: nn.Module) -> Iterator[None]:
-    """BatchNorm normalises with each batch's own statistics, as in training, and leaves its
-    running statistics untouched."""
-    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.training, m.track_running_stats) for m in norms]
-    for m in norms:
-        m.train()
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m, (training, tracking) in zip(norms, saved):
-            m.train(training)
-            m.track_running_stats = tracking
 
 
 def temporary_step(net: nn.Module, lr: float) -> Params:
@@ -169,7 +156,7 @@ class Hal(ReplayModel):
     BEST_CONFIGS = {
         "seq-cifar10": dict(lr=0.03, minibatch_size=32, batch_size=32, n_epochs=50,
                             hal_lambda=0.1, beta=0.3, gamma=0.1, steps_on_anchors=100,
-                            finetuning_steps=1),
+                            finetuning_steps=1, bn_updates="mammoth"),
     }
 
     @staticmethod
@@ -188,6 +175,10 @@ class Hal(ReplayModel):
                             help="SGD steps (at --lr, --batch_size buffer samples each) that "
                                  "fine-tune the spare copy on the buffer before the anchors "
                                  "are learned (mammoth's finetuning_epochs)")
+        parser.add_argument("--bn_updates", choices=("training", "mammoth"), default="training",
+                            help="which passes of a step move BatchNorm's running statistics: "
+                                 "the training batch's alone, or also the anchors' two and "
+                                 "phi's, as mammoth's code")
 
     def __init__(self, net: TaskNetwork, dataset: SequentialDataset,
                  args: argparse.Namespace) -> None:
@@ -222,7 +213,7 @@ class Hal(ReplayModel):
         loss.backward()
         if self.anchors is not None:
             stepped = temporary_step(self.net, self.optimizer.param_groups[0]["lr"])
-            with batch_statistics(self.net):
+            with self.extra_pass_statistics():
                 anchor_loss = preservation_loss(self.net, stepped, self.anchors,
                                                 self.anchor_t, self.args.hal_lambda)
             anchor_loss.backward()
@@ -233,10 +224,18 @@ class Hal(ReplayModel):
         self.store(raw, y, task)
         return loss.detach()
 
+    def extra_pass_statistics(self) -> AbstractContextManager:
+        """How the anchors' and phi's passes of a step use BatchNorm: on their batch's own
+        statistics either way; the running statistics untouched, or (--bn_updates mammoth)
+        moved by each pass as in training."""
+        if self.args.bn_updates == "mammoth":
+            return nullcontext()
+        return batch_statistics(self.net)
+
     def update_phi(self, x: torch.Tensor, task: int) -> None:
         """phi <- beta * phi + (1 - beta) * the batch's mean features under the current
-        weights (BatchNorm on the batch's statistics, running statistics untouched)."""
-        with torch.no_grad(), batch_statistics(self.net):
+        weights (BatchNorm on the batch's statistics; see extra_pass_statistics)."""
+        with torch.no_grad(), self.extra_pass_statistics():
             features = self.net.features(x, task)
             features = features.to(torch.promote_types(features.dtype, torch.float32)).mean(0)
         self.phi = ema(self.phi, features, self.args.beta)

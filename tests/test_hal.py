@@ -14,7 +14,8 @@ from backbone.contract import TaskNetwork
 from datasets.seq_synthetic import SequentialSynthetic
 from helpers import (assert_one_line_error, build_on_cpu, check_result, cpu_context,
                      run_synthetic, synthetic_argv)
-from models.hal import Hal, anchor_objective, anchor_terms, batch_statistics
+from models.continual_model import batch_statistics, tracked_norms
+from models.hal import Hal, anchor_objective, anchor_terms
 from utils.buffer import ReplaySample, RingBuffer
 from utils.main import main
 
@@ -236,6 +237,42 @@ def test_phi_is_an_ema_of_the_batch_features(synthetic_args):
         assert torch.allclose(model.phi, expected, atol=1e-5)
     model.begin_task(1, dataset.train_data(1))
     assert model.phi is None
+
+
+def test_mammoth_bn_updates_move_the_running_statistics_per_pass_and_nothing_else(
+        synthetic_args):
+    """--bn_updates mammoth: each step moves the running statistics once per training-mode
+    pass of mammoth's code (the batch and phi's pass; with anchors also the anchors' two),
+    where the default moves them once; the weights, the anchors and the losses are the same."""
+    models = {}
+    for mode in ("training", "mammoth"):
+        dataset, model = build_on_cpu(synthetic_args, "hal", "--nf", "4", "--buffer_size", "20",
+                                      "--steps_on_anchors", "2", "--bn_updates", mode)
+        model.train()
+        moves, losses = [], []
+        for task in range(2):
+            data = dataset.train_data(task)
+            model.begin_task(task, data)
+            for i in range(2):
+                raw, y = data.x[8 * i:8 * (i + 1)], data.y[8 * i:8 * (i + 1)]
+                before = [int(m.num_batches_tracked) for m in tracked_norms(model.net)]
+                torch.manual_seed(10 * task + i)
+                losses.append(model.observe(raw.float() / 255, y, task, raw))
+                after = [int(m.num_batches_tracked) for m in tracked_norms(model.net)]
+                moves.append({b - a for a, b in zip(before, after)})
+            if task == 0:
+                model.end_task(task, data, cpu_context())
+        models[mode] = (model, moves, losses)
+    default, mammoth = models["training"], models["mammoth"]
+    assert default[1] == [{1}] * 4
+    assert mammoth[1] == [{2}, {2}, {4}, {4}]
+    torch.testing.assert_close(torch.stack(mammoth[2]), torch.stack(default[2]))
+    assert torch.equal(mammoth[0].anchors, default[0].anchors)
+    for (name, p), q in zip(default[0].net.named_parameters(), mammoth[0].net.parameters()):
+        torch.testing.assert_close(q, p, msg=name)
+    running = [(m.running_mean, n.running_mean) for m, n in
+               zip(tracked_norms(default[0].net), tracked_norms(mammoth[0].net))]
+    assert any(not torch.allclose(a, b) for a, b in running)
 
 
 def _offer(buffer: RingBuffer, first: int, count: int, batch: int) -> None:

@@ -24,7 +24,8 @@ OPTIONS_ADDED_LATER = {"shortcut": "identity", "head_bias": 1, "feature_pool": "
 METHOD_OPTIONS_ADDED_LATER = {"bmkp": {"energy": "sigma2", "projection_bn": "running"},
                               "ewc_on": {"fisher_mode": "exact"},
                               "si": {"omega_mode": "paper"},
-                              "dgr": {"replay_passes": "joint"}}
+                              "dgr": {"replay_passes": "joint"},
+                              "hal": {"bn_updates": "training"}}
 DATASET_OPTIONS_ADDED_LATER = {"seq-cifar10": {"normalize_inputs": 0},
                                "seq-cifar100": {"normalize_inputs": 0}}
 
