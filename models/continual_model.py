@@ -92,8 +92,9 @@ def exact_bn_statistics(norms: Sequence[nn.modules.batchnorm._BatchNorm],
 @contextmanager
 def batch_statistics(net: nn.Module) -> Iterator[None]:
     """Inside, every BatchNorm layer of `net` normalises with the statistics of the batch it
-    sees and leaves its running statistics untouched: a diagnostic that tells weights which
-    lost a task from running statistics that no longer fit it."""
+    sees and leaves its running statistics untouched: the diagnostic that tells weights which
+    lost a task from running statistics that no longer fit it, and extra training passes
+    (HAL's) that must not move the statistics the test uses."""
     norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.training, m.track_running_stats) for m in norms]
     for m in norms:  # training without tracking: batch statistics, no buffer is written

@@ -38,7 +38,7 @@ from utils.figures import (accuracy_heatmap, accuracy_memory, method_styles,  # 
                            task_curves)
 from utils.results import write_atomic  # noqa: E402
 from utils.tables import PaperTable  # noqa: E402
-from utils.training import LEARNED_MARGIN  # noqa: E402
+from utils.training import learned_bound  # noqa: E402
 from utils.validators import output_folder, switch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -288,16 +288,20 @@ def flag_single_class(groups: list[Group]) -> list[str]:
                     continue
                 if ONE_CLASS not in g.flags:
                     g.flags.append(ONE_CLASS)
-                batch = event["task_il_with_batch_statistics"]
-                on_batch = "" if batch is None else f"; {batch:.1f} on batch statistics"
+                on_batch = _on_batch_statistics(event["task_il_with_batch_statistics"])
                 warnings.append(f"{g.label} on {g.dataset}: seed {run['seed']}'s task "
                                 f"{event['task'] + 1} predicts one class in the final "
                                 f"evaluation ({event['task_il']:.1f}{on_batch})")
     return warnings
 
 
+def _on_batch_statistics(score: float | None) -> str:
+    """A warning's note of a finding's score on batch statistics, where it has one."""
+    return "" if score is None else f"; {score:.1f} on batch statistics"
+
+
 def flag_unlearned(groups: list[Group]) -> list[str]:
-    """Flag groups with a run that scored a task less than LEARNED_MARGIN above chance right
+    """Flag groups with a run that scored a task under utils/training.py's learned_bound right
     after learning it: read from the accuracy matrix's diagonal, so runs made before runs
     looked for it (utils/training.py, diagnose_unlearned) are checked too; with the score on
     batch statistics where the run recorded one (an unlearned or single-class finding)."""
@@ -306,7 +310,7 @@ def flag_unlearned(groups: list[Group]) -> list[str]:
     for g in groups:
         if g.dataset not in classes:
             continue
-        bound = 100.0 / classes[g.dataset] + LEARNED_MARGIN
+        bound = learned_bound(classes[g.dataset])
         for run in g.runs:
             recorded = run.get("single_class_predictions", []) + run.get("unlearned_tasks", [])
             batch_scores = {e["task"]: e["task_il_with_batch_statistics"]
@@ -317,8 +321,7 @@ def flag_unlearned(groups: list[Group]) -> list[str]:
                     continue
                 if UNLEARNED not in g.flags:
                     g.flags.append(UNLEARNED)
-                batch = batch_scores.get(task)
-                on_batch = "" if batch is None else f"; {batch:.1f} on batch statistics"
+                on_batch = _on_batch_statistics(batch_scores.get(task))
                 warnings.append(f"{g.label} on {g.dataset}: seed {run['seed']}'s task "
                                 f"{task + 1} scored {matrix[task][task]:.1f} right after it "
                                 f"was learned, near chance{on_batch}")

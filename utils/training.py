@@ -84,6 +84,11 @@ RUNNING_STATISTICS_MARGIN = 10.0
 LEARNED_MARGIN = 10.0
 
 
+def learned_bound(classes_per_task: int) -> float:
+    """The accuracy a task must reach right after it is learned: chance + LEARNED_MARGIN."""
+    return 100.0 / classes_per_task + LEARNED_MARGIN
+
+
 def diagnose_with_batch_statistics(model: ContinualModel, dataset: SequentialDataset,
                                    last_task: int, task: int, accuracy: float,
                                    ctx: TrainingContext) -> dict:
@@ -117,8 +122,7 @@ def diagnose_unlearned(model: ContinualModel, dataset: SequentialDataset, task: 
     chance while predicting more than one class (a task predicting one class is the
     single-class finding already); None when it was learned."""
     accuracy = accuracies.task_il[task]
-    chance = 100.0 / dataset.N_CLASSES_PER_TASK
-    if task in accuracies.single_class or accuracy >= chance + LEARNED_MARGIN:
+    if task in accuracies.single_class or accuracy >= learned_bound(dataset.N_CLASSES_PER_TASK):
         return None
     return diagnose_with_batch_statistics(model, dataset, task, task, accuracy, ctx)
 
