@@ -328,7 +328,8 @@ class DeepInversion(ContinualModel):
                                       task)
                 self.synthetic.add(images, batch, torch.full_like(batch, task), logits)
                 last_terms.append(torch.stack(terms))
-        self._log(task, n, torch.stack(last_terms).mean(0))
+        self._log(task, n, ctx.steps(self.args.synthesis_iterations),
+                  torch.stack(last_terms).mean(0))
 
     def invert(self, labels: torch.Tensor, task: int, shape: torch.Size,
                bn_losses: list[torch.Tensor],
@@ -343,7 +344,7 @@ class DeepInversion(ContinualModel):
         z = z.contiguous(memory_format=layout).clamp_(low, high).requires_grad_()
         optimizer = torch.optim.Adam([z], lr=self.args.synthesis_lr)
         terms = None
-        for _ in range(self.args.synthesis_iterations):
+        for _ in range(ctx.steps(self.args.synthesis_iterations)):
             optimizer.zero_grad(set_to_none=True)
             with ctx.autocast():
                 terms = self.inversion_terms(self.jittered(z), mean, std, labels, task,
@@ -387,14 +388,14 @@ class DeepInversion(ContinualModel):
                 + args.tv_weight * terms.total_variation + args.l2_weight * terms.l2
                 + args.competition_weight * terms.competition)
 
-    def _log(self, task: int, n: int, terms: torch.Tensor) -> None:
+    def _log(self, task: int, n: int, iterations: int, terms: torch.Tensor) -> None:
         """One synthesis's entry: one transfer from the device per task."""
         added = slice(len(self.synthetic) - n, len(self.synthetic))
         hits = self.synthetic.logits[added].argmax(1) == self.synthetic.y[added]
         values = torch.cat((terms.float(), hits.float().mean().view(1))).tolist()
         batches = -(-n // self.args.synthesis_batch_size)
         self.synthesis_log.append({
-            "task": task, "images": n, "steps": batches * self.args.synthesis_iterations,
+            "task": task, "images": n, "steps": batches * iterations,
             "teacher_accuracy": 100.0 * values[-1],
             "last_step_terms": dict(zip(InversionTerms._fields, values[:-1]))})
 

@@ -242,24 +242,24 @@ class Hal(ReplayModel):
 
     def end_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         with ctx.phase("anchors"):
-            self.learn_anchors(task, data)
+            self.learn_anchors(task, data, ctx)
         self.buffer.next_task()
         self.phi = None
 
-    def finetune_on_buffer(self) -> Params:
+    def finetune_on_buffer(self, ctx: TrainingContext) -> Params:
         """theta_M: a copy of the weights after --finetuning_steps SGD steps on buffer samples
         (each through its own task's head); the network itself is left as it is."""
         params = {name: p.detach().clone().requires_grad_()
                   for name, p in self.net.named_parameters()}
         optimizer = torch.optim.SGD(params.values(), lr=self.args.lr)
-        for _ in range(self.args.finetuning_steps):
+        for _ in range(ctx.steps(self.args.finetuning_steps)):
             past = self.buffer.sample(self.args.batch_size)
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(score(self.net, params, past.x, past.t)[1], past.y).backward()
             optimizer.step()
         return {name: p.detach() for name, p in params.items()}
 
-    def learn_anchors(self, task: int, data: TaskData) -> None:
+    def learn_anchors(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         """One anchor per class of `task`, all learned together on the device (module
         docstring); appended with their task id and class."""
         if self.phi is None:
@@ -274,8 +274,8 @@ class Hal(ReplayModel):
         optimizer = torch.optim.SGD([anchors], lr=self.args.lr)
         terms = None
         with batch_statistics(self.net):
-            finetuned = self.finetune_on_buffer()
-            for _ in range(self.args.steps_on_anchors):
+            finetuned = self.finetune_on_buffer(ctx)
+            for _ in range(ctx.steps(self.args.steps_on_anchors)):
                 optimizer.zero_grad(set_to_none=True)
                 terms = anchor_terms(self.net, finetuned, current, anchors, labels, task,
                                      self.phi)

@@ -181,6 +181,18 @@ def test_synthesised_set_and_its_memory(synthetic_args, competition):
     assert (log[0]["last_step_terms"]["competition"] > 0) == (competition != "0")
 
 
+def test_debug_mode_cuts_the_synthesis_to_a_few_steps(synthetic_args):
+    dataset, model = _model(synthetic_args, "--synthesis_iterations", "50")
+    ctx = cpu_context()
+    ctx.debug = True  # --debug_mode 1: a smoke run
+    data = dataset.train_data(0)
+    model.begin_task(0, data)
+    model.end_task(0, data, ctx)
+    (entry,) = model.result_details()["synthesis"]
+    assert entry["steps"] == 3 * ctx.steps(50) == 3 * 5  # 3 batches of 5 steps, not of 50
+    assert ctx.steps(3) == 3
+
+
 def test_replay_step_distils_through_each_image_s_own_head(synthetic_args):
     dataset, model = _model(synthetic_args, "--alpha", "0.7", "--temperature", "3",
                             "--minibatch_size", "6")

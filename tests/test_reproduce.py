@@ -33,6 +33,24 @@ def test_plan_has_every_table_once_per_dataset_variant_and_seed(tmp_path):
     assert "model_config" not in jobs([1], ["seq-synthetic"])[0].options
 
 
+def test_other_methods_join_table_1_with_their_own_best_configuration(tmp_path, capsys):
+    jobs = reproduce.plan([1], ["seq-cifar10"], [0, 1], "official", {"n_epochs": 5}, tmp_path,
+                          ["bmkp", "er", "sgd"])
+    by_model = {model: [j for j in jobs if j.model == model] for model in ("bmkp", "er", "sgd")}
+    assert all(len(runs) == 2 for runs in by_model.values())
+    assert all(j.options["compat"] == "official" for j in by_model["bmkp"])
+    assert not any("compat" in j.options for j in by_model["er"] + by_model["sgd"])
+    assert all(j.options["model_config"] == "best" and j.options["n_epochs"] == 5
+               for j in by_model["er"])
+    assert len({j.folder for j in jobs}) == len(jobs)
+    # `table1`: the paper's Table 1 methods registered here, each once, BMKP among them
+    table1 = reproduce.chosen_models(["table1", "bmkp", "er"], [1])
+    assert {"bmkp", "lwf", "gpm", "fas", "er"} <= set(table1)
+    assert len(table1) == len(set(table1)) and "agem" not in table1
+    assert_one_line_error(capsys, reproduce.main, ["--table", "1", "2", "--models", "sgd"],
+                          "--models sgd: Tables 2-4 are BMKP's own experiments")
+
+
 def test_options_after_the_separator_reach_every_job(tmp_path, capsys):
     assert reproduce.job_options(["--n_epochs", "2", "--no_basis_update"]) == {
         "n_epochs": "2", "no_basis_update": True}
@@ -98,3 +116,17 @@ def test_reproduce_stops_at_its_budget_then_finishes_and_tabulates(tmp_path, mon
     assert run(tmp_path / "whole") == 0
     cut, whole = _result(tmp_path / "cut"), _result(tmp_path / "whole")
     assert cut["accuracy_matrix"] == whole["accuracy_matrix"]
+
+
+@pytest.mark.slow
+def test_table_1_with_other_methods_runs_and_tabulates_each(tmp_path, capsys):
+    results = tmp_path / "reproduce"
+    assert reproduce.main(["--table", "1", "--models", "sgd", "lwf", "--datasets",
+                           "seq-synthetic", "--seeds", "0", "--device", "cpu", "--debug_mode",
+                           "1", "--results_dir", str(results), "--", "--n_epochs", "1",
+                           "--nf", "4"]) == 0
+    assert "2 done" in capsys.readouterr().out
+    assert {_result(results / "seq-synthetic" / m)["model"] for m in ("sgd", "lwf")} == {
+        "sgd", "lwf"}
+    rows = (results / "report" / "table1.md").read_text()
+    assert "| sgd" in rows and "| lwf" in rows

@@ -135,7 +135,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                           "result on one GPU; slower, and an op without a deterministic "
                           "kernel stops the run")
     run.add_argument("--debug_mode", type=switch, default=0,
-                     help="1: a handful of batches per epoch and per evaluation (smoke runs)")
+                     help="1: a handful of batches per epoch and per evaluation, and of "
+                          "steps per inner optimisation (smoke runs)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
     run.add_argument("--tensorboard", action="store_true",
                      help="also write losses, accuracies and phase times for TensorBoard to "

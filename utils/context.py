@@ -51,6 +51,11 @@ class TrainingContext:
     def max_batches(self) -> int | None:
         return DEBUG_BATCHES if self.debug else None
 
+    def steps(self, n: int) -> int:
+        """n iterations of an inner optimisation (DeepInversion's synthesis, HAL's anchors),
+        at most DEBUG_BATCHES under --debug_mode, so a smoke run runs every loop briefly."""
+        return n if self.max_batches is None else min(n, self.max_batches)
+
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Add the wall time of the block to the current task's `name` phase."""

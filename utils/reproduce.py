@@ -1,16 +1,19 @@
 """Run the BMKP paper's experiments and tabulate them:
 
     python utils/reproduce.py --table 1 [2 3 4] [--datasets ...] [--seeds ...] [--jobs N]
-                              [--budget_s S] [--dry_run] [-- utils/main.py options for every job]
+                              [--models M ...] [--budget_s S] [--dry_run]
+                              [-- utils/main.py options for every job]
 
-    --table 1  BMKP on seq-cifar10, seq-cifar100 and seq-tinyimg (Table 1's BMKP row)
+    --table 1  BMKP on seq-cifar10, seq-cifar100 and seq-tinyimg (Table 1's BMKP row); with
+               --models, other methods' rows too (`table1`: every method of the paper's
+               Table 1 this framework has)
     --table 2  the ablations beside full BMKP: --no_basis_update, --retrain_epochs 0
     --table 3  lambda in 0, 1, 10, 100, 1000 on seq-tinyimg
     --table 4  --threshold (later tasks' retained energy) in 0.95-0.98 on seq-cifar100 and
                seq-tinyimg
 
-Every run is a utils/main.py job (utils/sweep.py's Job) with --model_config best where BMKP
-has one for the dataset, seeds 0-4 by default, its own folder under --results_dir and a
+Every run is a utils/main.py job (utils/sweep.py's Job) with --model_config best where the
+method has one for the dataset, seeds 0-4 by default, its own folder under --results_dir and a
 checkpoint after every task. --budget_s N stops every job between tasks, checkpointed, before
 N seconds from now; the same command later resumes the unfinished jobs and skips the finished
 ones, so a cut-off device window loses at most the task in progress. --jobs N runs N jobs at
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import shutil
 import subprocess
@@ -30,11 +34,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datasets import dataset_classes  # noqa: E402
-from models.bmkp.model import BMKP  # noqa: E402
+from models import model_classes  # noqa: E402
 from utils import benchmark, report  # noqa: E402
 from utils.args import OneLineErrorParser, parse_args  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -55,22 +60,43 @@ TABLES = {
 # Seconds a job needs beyond its last task to write its result; it is given its remaining
 # budget less this, and no job starts with less than twice this left.
 FINISH_MARGIN_S = 20.0
-STEPS_TO_TIME = 5  # training steps timed per dataset for --dry_run's estimate
+STEPS_TO_TIME = 5  # training steps timed per method and dataset for --dry_run's estimate
+ALL_OF_TABLE_1 = "table1"  # --models: every method of the paper's Table 1 registered here
+
+
+def table1_models() -> list[str]:
+    """The registered methods that have a row in the paper's Table 1, in its order."""
+    return [m for m in report.load_reference(report.REFERENCE)["table1"] if m in model_classes()]
+
+
+def chosen_models(names: list[str], tables: list[int]) -> list[str]:
+    """--models with `table1` expanded, each once; methods beside BMKP only in Table 1,
+    since Tables 2-4 are BMKP's ablations and sweeps."""
+    models = list(dict.fromkeys(
+        m for name in names for m in (table1_models() if name == ALL_OF_TABLE_1 else [name])))
+    others = [m for m in models if m != "bmkp"]
+    if others and tables != [1]:
+        raise UserError(f"--models {' '.join(others)}: Tables 2-4 are BMKP's own experiments; "
+                        "run other methods with --table 1 alone")
+    return models
 
 
 def plan(tables: list[int], datasets: list[str] | None, seeds: list[int], compat: str,
-         extra: dict, root: Path) -> list[Job]:
-    """The jobs of the tables asked for, each once (Table 2's full runs are Table 1's)."""
+         extra: dict, root: Path, models: Sequence[str] = ("bmkp",)) -> list[Job]:
+    """The jobs of the tables asked for, each once (Table 2's full runs are Table 1's); BMKP's
+    jobs take --compat, every method its --model_config best where it has one."""
     jobs: dict[Path, Job] = {}
     for table in tables:
         table_datasets, variants = TABLES[table]
-        for dataset in datasets or table_datasets:
-            best = {"model_config": "best"} if dataset in BMKP.BEST_CONFIGS else {}
+        for dataset, model in itertools.product(datasets or table_datasets, models):
+            best = ({"model_config": "best"} if dataset in model_classes()[model].BEST_CONFIGS
+                    else {})
+            own = {"compat": compat} if model == "bmkp" else {}
             for variant in variants:
-                options = {**best, "compat": compat, **variant, **extra}
+                options = {**best, **own, **variant, **extra}
                 for seed in seeds:
-                    folder = job_folder(root, "bmkp", dataset, variant, options, seed)
-                    jobs.setdefault(folder, Job("bmkp", dataset, seed, options, folder))
+                    folder = job_folder(root, model, dataset, variant, options, seed)
+                    jobs.setdefault(folder, Job(model, dataset, seed, options, folder))
     return list(jobs.values())
 
 
@@ -139,7 +165,7 @@ def estimate_s(job: Job, seconds_per_step: float) -> float:
     args = job_args(job, 1)
     dataset = dataset_classes()[job.dataset]
     images = dataset.TRAIN_PER_CLASS * dataset.N_CLASSES_PER_TASK
-    epochs = args.n_epochs + (args.retrain_epochs or 0)
+    epochs = args.n_epochs + (getattr(args, "retrain_epochs", 0) or 0)
     batches = math.ceil(images / args.batch_size)
     if args.debug_mode:
         batches = min(batches, 5)
@@ -147,20 +173,23 @@ def estimate_s(job: Job, seconds_per_step: float) -> float:
 
 
 def dry_run(jobs: list[Job], n_parallel: int, threads: int, log=print) -> None:
-    """Print the plan and its time at a step time measured here, per dataset."""
-    step_s: dict[str, float] = {}
+    """Print the plan and its time at a step time measured here, per method and dataset
+    (the method's own training step: replay, distillation and the like included; its
+    end-of-task work and joint's growing data not)."""
+    step_s: dict[tuple[str, str], float] = {}
     total = 0.0
     for job in jobs:
-        if job.dataset not in step_s:
+        key = (job.model, job.dataset)
+        if key not in step_s:
             dataset = dataset_classes()[job.dataset]
             images = dataset.TRAIN_PER_CLASS * dataset.N_CLASSES_PER_TASK
             speed = benchmark.measure(job_args(job, threads), STEPS_TO_TIME, real=False,
                                       task_images=images)
-            step_s[job.dataset] = speed["train_ms_per_batch"] / 1000
-            log(f"{job.dataset}: {speed['train_ms_per_batch']:.1f} ms per training step "
-                "measured here, on random images of its shape")
+            step_s[key] = speed["train_ms_per_batch"] / 1000
+            log(f"{job.model} on {job.dataset}: {speed['train_ms_per_batch']:.1f} ms per "
+                "training step measured here, on random images of its shape")
         state = "done" if job.done() else "resumable" if has_checkpoint(job) else "to run"
-        seconds = 0.0 if job.done() else estimate_s(job, step_s[job.dataset])
+        seconds = 0.0 if job.done() else estimate_s(job, step_s[key])
         total += seconds
         log(f"{state:9s} {seconds / 60:8.1f} min  {' '.join(job.command(threads))}")
     log(f"{len(jobs)} jobs; about {total / 60 / n_parallel:.1f} min with {n_parallel} at "
@@ -193,7 +222,12 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--datasets", nargs="+", choices=list(dataset_classes()),
                         default=None, help="instead of the tables' own datasets")
     parser.add_argument("--seeds", type=random_seed, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--compat", choices=("paper", "official"), default="paper")
+    parser.add_argument("--models", nargs="+", default=["bmkp"],
+                        choices=[*model_classes(), ALL_OF_TABLE_1],
+                        help="methods to run (Table 1 only; table1: every method of the "
+                             "paper's Table 1 registered here)")
+    parser.add_argument("--compat", choices=("paper", "official"), default="paper",
+                        help="BMKP's --compat")
     parser.add_argument("--results_dir", type=output_folder, default=Path("result/reproduce"))
     parser.add_argument("--jobs", type=positive_int, default=1, help="jobs run at once")
     parser.add_argument("--threads", type=positive_int, default=1, help="CPU threads per job")
@@ -216,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"device": opts.device, "debug_mode": opts.debug_mode, **passed}
         if opts.data_path is not None:
             extra["data_path"] = str(opts.data_path)
-        jobs = plan(opts.table, opts.datasets, opts.seeds, opts.compat, extra, opts.results_dir)
+        models = chosen_models(opts.models, opts.table)
+        jobs = plan(opts.table, opts.datasets, opts.seeds, opts.compat, extra, opts.results_dir,
+                    models)
         check_jobs(jobs)
         pending = [job for job in jobs if not job.done()]
         resumable = sum(map(has_checkpoint, pending))
