@@ -79,15 +79,12 @@ def seed_everything(seed: int) -> None:
 
 def set_deterministic(on: bool) -> None:
     """--deterministic: only kernels that give the same bits on every run. cuBLAS needs its
-    workspace fixed before its first call, hence the environment variable set here, early.
-    The switch is flipped only when it changes: flipping it imports torch's compiler stack,
-    seconds of every run's start-up otherwise."""
+    workspace fixed before its first call, hence the environment variable set here, early."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.deterministic = on
     torch.backends.cudnn.benchmark = False
-    if torch.are_deterministic_algorithms_enabled() != on:
-        torch.use_deterministic_algorithms(on)
+    torch.use_deterministic_algorithms(on)
 
 
 def build(args: argparse.Namespace,
