@@ -47,6 +47,7 @@ def test_other_methods_join_table_1_with_their_own_best_configuration(tmp_path, 
     table1 = reproduce.chosen_models(["table1", "bmkp", "er"], [1])
     assert {"bmkp", "lwf", "gpm", "fas", "er"} <= set(table1)
     assert len(table1) == len(set(table1)) and "agem" not in table1
+    assert reproduce.chosen_models(["sgd"], [1, 1]) == ["sgd"]  # a table named twice is Table 1
     assert_one_line_error(capsys, reproduce.main, ["--table", "1", "2", "--models", "sgd"],
                           "--models sgd: Tables 2-4 are BMKP's own experiments")
 

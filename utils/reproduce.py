@@ -42,6 +42,7 @@ from datasets import dataset_classes  # noqa: E402
 from models import model_classes  # noqa: E402
 from utils import benchmark, report  # noqa: E402
 from utils.args import OneLineErrorParser, parse_args  # noqa: E402
+from utils.context import DEBUG_BATCHES  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.sweep import Job, check_jobs, job_folder, run_job  # noqa: E402
 from utils.training import BUDGET_EXIT  # noqa: E402
@@ -75,7 +76,7 @@ def chosen_models(names: list[str], tables: list[int]) -> list[str]:
     models = list(dict.fromkeys(
         m for name in names for m in (table1_models() if name == ALL_OF_TABLE_1 else [name])))
     others = [m for m in models if m != "bmkp"]
-    if others and tables != [1]:
+    if others and set(tables) != {1}:
         raise UserError(f"--models {' '.join(others)}: Tables 2-4 are BMKP's own experiments; "
                         "run other methods with --table 1 alone")
     return models
@@ -168,7 +169,7 @@ def estimate_s(job: Job, seconds_per_step: float) -> float:
     epochs = args.n_epochs + (getattr(args, "retrain_epochs", 0) or 0)
     batches = math.ceil(images / args.batch_size)
     if args.debug_mode:
-        batches = min(batches, 5)
+        batches = min(batches, DEBUG_BATCHES)
     return dataset.N_TASKS * epochs * batches * seconds_per_step
 
 
