@@ -160,7 +160,7 @@ def check_result(result: dict, model: str) -> None:
     assert result["environment"]["torch"] == torch.__version__
     code = result["environment"]["code"]  # None only outside a git checkout
     assert code is None or (len(code["commit"]) == 40 and isinstance(code["dirty"], bool))
-    assert {"torchvision", "numpy", "cuda", "cudnn"} <= set(result["environment"])
+    assert {"torchvision", "numpy", "cuda", "cudnn", "cpu"} <= set(result["environment"])
     assert result["environment"]["device"] == "cpu"
 
 

@@ -1,10 +1,11 @@
 """A result names the code that produced it: the checkout's commit and whether it was
-modified, read with git (None outside a checkout)."""
+modified, read with git (None outside a checkout); and the processor it ran on."""
+import os
 import subprocess
 
 import pytest
 
-from utils.results import code_version
+from utils.results import code_version, cpu_description
 
 
 def _git(repo, *args):
@@ -31,3 +32,17 @@ def test_commit_and_modified_tracked_files(tmp_path):
 
 def test_outside_a_checkout_there_is_no_code_version(tmp_path):
     assert code_version(tmp_path) is None
+
+
+def test_cpu_named_with_family_model_and_clock(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    processor = ("processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 1\n"
+                 "model name\t: AMD EPYC\ncpu MHz\t\t: 1996.250\n\n")
+    cpuinfo.write_text(processor.format(0) + processor.format(1))
+    assert cpu_description(cpuinfo) == \
+        f"AMD EPYC (family 23, model 1, 1996 MHz) x {os.cpu_count()}"
+
+
+def test_cpu_without_cpuinfo_still_named(tmp_path):
+    described = cpu_description(tmp_path / "absent")
+    assert described.endswith(f" x {os.cpu_count()}") and len(described) > len(" x 1")

@@ -34,13 +34,33 @@ def code_version(repo: Path = REPO) -> dict | None:
     return {"commit": commit, "dirty": dirty}
 
 
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The processor and its core count, e.g. "AMD EPYC (family 23, model 1, 1996 MHz) x 2":
+    CPUs sold under one name differ several times in speed, so a time needs the model."""
+    fields: dict[str, str] = {}
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:  # not Linux: the name the platform gives
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    details = [f"{label} {fields[key]}" for key, label in
+               (("cpu family", "family"), ("model", "model")) if key in fields]
+    if "cpu MHz" in fields:
+        details.append(f"{float(fields['cpu MHz']):.0f} MHz")
+    described = f"{name} ({', '.join(details)})" if details else name
+    return f"{described} x {os.cpu_count()}"
+
+
 def environment(device: torch.device) -> dict:
     """What produced a result: code version, library versions, machine."""
     info = {"code": code_version(), "torch": torch.__version__,
             "torchvision": package_version("torchvision"), "numpy": numpy.__version__,
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
             "python": platform.python_version(), "device": str(device),
-            "num_threads": torch.get_num_threads(), "platform": platform.platform()}
+            "num_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "cpu": cpu_description()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
