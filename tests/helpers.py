@@ -16,7 +16,7 @@ from utils.args import parse_args
 from utils.context import TrainingContext
 from utils.main import main
 from utils.metrics import summarize
-from utils.results import epoch_log_path, text_log_path
+from utils.results import describe_code, epoch_log_path, text_log_path
 from utils.setup import build
 
 CPU = torch.device("cpu")
@@ -115,7 +115,11 @@ def run_synthetic(tmp_path: Path, capsys, *extra: str, model: str = "sgd") -> tu
     assert path.parent == results_dir / "seq-synthetic" / model
     assert path.suffix == ".json" and path.stem.endswith("-seed" + str(seed_of(extra)))
     assert str(path) in out and err == ""
-    return json.loads(path.read_text()), path
+    result = json.loads(path.read_text())
+    # the log names the code the run loaded, as the result does
+    code_line = f"code: {describe_code(result['environment']['code'])}\n"
+    assert code_line in text_log_path(path).read_text()
+    return result, path
 
 
 def seed_of(extra) -> int:

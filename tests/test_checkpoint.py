@@ -167,5 +167,7 @@ def test_a_checkpoint_from_before_an_option_existed_resumes(tmp_path, capsys, mo
     assert_one_line_error(capsys, main, changed, "other options (exact_bn_stats)")
     assert main(argv + ["--resume"]) == 0
     (result,) = (tmp_path / "results").rglob("*.json")
-    assert f"resuming from {path} at task {killed + 1}" in text_log_path(result).read_text()
+    log = text_log_path(result).read_text()
+    assert f"resuming from {path} at task {killed + 1}" in log
+    assert log.count(" code: ") == 2  # each part of the run names the code it loaded
     assert len(json.loads(result.read_text())["accuracy_matrix"]) == N_TASKS

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from utils.results import code_version, cpu_description
+from utils.results import code_version, cpu_description, describe_code
 
 
 def _git(repo, *args):
@@ -46,3 +46,11 @@ def test_cpu_named_with_family_model_and_clock(tmp_path):
 def test_cpu_without_cpuinfo_still_named(tmp_path):
     described = cpu_description(tmp_path / "absent")
     assert described.endswith(f" x {os.cpu_count()}") and len(described) > len(" x 1")
+
+
+def test_code_described_for_the_log():
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert describe_code({"commit": commit, "dirty": False}) == commit
+    assert describe_code({"commit": commit, "dirty": True}) == \
+        f"{commit} (tracked files modified)"
+    assert describe_code(None) == "not a git checkout"

@@ -289,13 +289,13 @@ def test_every_run_keeps_a_timestamped_text_log_also_under_quiet(tmp_path, capsy
     lines = text_log_path(path).read_text().splitlines()
     stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
     assert all(re.match(stamp, line) for line in lines)
-    assert "options: model=sgd" in lines[0]
-    tasks = [line[24:] for line in lines[1:-1] if not line[24:].startswith("warning: ")]
+    assert "options: model=sgd" in lines[0] and lines[1][24:].startswith("code: ")
+    tasks = [line[24:] for line in lines[2:-1] if not line[24:].startswith("warning: ")]
     assert [line.split(": avg acc")[0] for line in tasks] == [
         f"task {t}/{N_TASKS}" for t in range(1, N_TASKS + 1)]
     # One warning line after its task's line for each task found predicting one class, or
     # near chance right after it was learned.
-    assert len(lines) - 2 - len(tasks) == (len(result["single_class_predictions"])
+    assert len(lines) - 3 - len(tasks) == (len(result["single_class_predictions"])
                                            + len(result["unlearned_tasks"]))
     assert lines[-1].endswith(f"final Task-IL ACC {result['final_acc']:.2f}  task-agnostic ACC "
                               f"{result['task_agnostic']['final_acc']:.2f}  BWT "

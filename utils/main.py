@@ -12,7 +12,6 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -21,7 +20,7 @@ from utils.aggregate import aggregate_runs, shared_config  # noqa: E402
 from utils.args import parse_args  # noqa: E402
 from utils.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.results import (aggregate_path, environment, epoch_log_path,  # noqa: E402
+from utils.results import (aggregate_path, describe_code, environment, epoch_log_path,  # noqa: E402
                            result_path, run_log, text_log_path, write_json_atomic)
 from utils.context import TrainingContext  # noqa: E402
 from utils.setup import (build, resolve_device, seed_everything, set_deterministic,  # noqa: E402
@@ -38,6 +37,8 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
     set_threads(args.num_threads)
     set_deterministic(bool(args.deterministic))
     device = resolve_device(args.device)
+    # Read now: the code this process loaded, whatever is checked out when it finishes.
+    machine = environment(device)
     seed_everything(args.seed)
     dataset, model = build(args, device)
     show_progress = not args.quiet and sys.stderr.isatty()
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
             log(line)
 
         logger.info("options: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+        logger.info(f"code: {describe_code(machine['code'])}")
         if checkpoint is not None:
             if progress is not None:
                 log_both(f"resuming from {checkpoint} at task {progress.next_task + 1}")
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
                                  started_at=started)
         metrics = run_tasks(model, dataset, ctx, log=log_both, progress=progress,
                             after_task=after_task, budget_s=args.budget_s)
-        result = result_json(args, started, metrics, model, device)
+        result = result_json(args, started, metrics, model, machine)
         write_json_atomic(result, path)
         logger.info(run_summary(result, path))
     model.export()
@@ -74,9 +76,10 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
 
 
 def result_json(args: argparse.Namespace, started: str, metrics: dict, model: ContinualModel,
-                device: torch.device) -> dict:
+                machine: dict) -> dict:
     """The run's result: who ran what, the metrics, the memory by part, the method's own
-    details, the options and the environment."""
+    details, the options and the environment (`machine`, read when the run, or the
+    resumed part of it, started)."""
     breakdown = model.memory_breakdown()
     return {
         "model": args.model, "dataset": args.dataset, "seed": args.seed,
@@ -86,7 +89,7 @@ def result_json(args: argparse.Namespace, started: str, metrics: dict, model: Co
                    "breakdown_mb": {k: v / BYTES_PER_MB for k, v in breakdown.items()},
                    "breakdown_bytes": breakdown},
         "method": model.result_details(),
-        "config": vars(args), "environment": environment(device),
+        "config": vars(args), "environment": machine,
     }
 
 

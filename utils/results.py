@@ -34,6 +34,13 @@ def code_version(repo: Path = REPO) -> dict | None:
     return {"commit": commit, "dirty": dirty}
 
 
+def describe_code(code: dict | None) -> str:
+    """code_version's answer as a log reads it: the commit, marked when files were modified."""
+    if code is None:
+        return "not a git checkout"
+    return code["commit"] + (" (tracked files modified)" if code["dirty"] else "")
+
+
 def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The processor and its core count, e.g. "AMD EPYC (family 23, model 1, 1996 MHz) x 2":
     CPUs sold under one name differ several times in speed, so a time needs the model."""
