@@ -223,6 +223,11 @@ class ContinualModel(nn.Module):
             self.scheduler = torch.optim.lr_scheduler.StepLR(
                 self.optimizer, step_size=self.args.lr_step, gamma=self.args.lr_gamma)
 
+    def has_later_task(self, task: int) -> bool:
+        """Whether a task follows `task`: what a method keeps only for later tasks (a
+        generator, synthetic images) need not be built after the last one."""
+        return task < self.n_tasks - 1
+
     def begin_task(self, task: int, data: TaskData) -> None:
         self.reset_optimizer()
 

@@ -289,7 +289,7 @@ class DeepInversion(ContinualModel):
 
     def begin_task(self, task: int, data: TaskData) -> None:
         super().begin_task(task, data)
-        if self.args.competition_weight > 0 and task < self.n_tasks - 1:
+        if self.args.competition_weight > 0 and self.has_later_task(task):
             self.student = copy.deepcopy(self.net).requires_grad_(False)
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: int) -> torch.Tensor:
@@ -305,7 +305,7 @@ class DeepInversion(ContinualModel):
         return self.optimizer_step(F.cross_entropy(logits[:n], y) + self.args.alpha * distill)
 
     def end_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
-        if task < self.n_tasks - 1:
+        if self.has_later_task(task):
             with ctx.phase("synthesis"):
                 self.synthesize(task, data.x.shape[1:], data.x.device, ctx)
         self.student = None

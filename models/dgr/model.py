@@ -20,7 +20,8 @@ rnt = 1 / tasks so far; kuc2477's reimplementation defaults to r = 0.3, main.py)
   replays itself. Each step is a VAE step (models/dgr/vae.py) on the current task's batch
   together with --minibatch_size images the previous generator draws. It runs after the
   solver's epochs; the two halves only read the frozen copies, so their order does not
-  change what either learns.
+  change what either learns. It does not run after the last task, since only later tasks
+  replay from it (the memory counts the generator either way).
 
 Which task a replayed image belongs to. A Task-IL solver classifies an image with its task's
 head, so every replayed image needs a task id. The generator is task-conditional (the task's
@@ -179,8 +180,9 @@ class Dgr(ContinualModel):
     def fit_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         with ctx.phase("train"):
             self.train_epochs(data, ctx, self.args.n_epochs, self.observe, task)
-        with ctx.phase("generator"):
-            self.train_generator(task, data, ctx)
+        if self.has_later_task(task):  # only later tasks replay from it
+            with ctx.phase("generator"):
+                self.train_generator(task, data, ctx)
 
     def end_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         self.previous_net = self.previous_generator = None
