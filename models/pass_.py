@@ -57,7 +57,12 @@ Departures:
 - The prototype pass uses every training image once; the reference skips its loader's last
   incomplete batch (an artefact of its numpy reshape).
 - Augmentation is the framework's random crop and flip; the reference's CIFAR runs add
-  ColorJitter(brightness 0.25), its Tiny-ImageNet runs flip only.
+  ColorJitter(brightness 63/255), its Tiny-ImageNet runs flip only. It standardises CIFAR
+  inputs (CIFAR-100's mean and std, after the crop): here CIFAR inputs stay in [0, 1], as
+  for every method, unless --normalize_inputs 1 (each dataset's own training statistics).
+- Convolutions keep PyTorch's default initialisation (the reference: He normal, fan-out).
+- Every epoch splits into equal batches (63-64 images on CIFAR); the reference's CIFAR
+  loader ends each epoch with a remainder batch, its Tiny-ImageNet loader drops it.
 - The reference calls scheduler.step() before each epoch, so its lr drops one epoch earlier
   (from the 45th epoch) than --lr_step 45, which steps after each epoch (from the 46th).
 - The reference keeps its frozen copy between tasks (made after each task); here it is made
