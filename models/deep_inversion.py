@@ -9,12 +9,13 @@ shifted by up to --jitter pixels (torch.roll), the loss of a synthesis step is
     CE(head_t(x~), y)
         + bn_weight * sum_l (||running_var_l - var_l(x~)||_2
                              + ||running_mean_l - mean_l(x~)||_2)
-        + tv_weight * sum_{4 directions} ||x~ shifted by one pixel - x~||_2
-        + l2_weight * ||x~||_2
+        + tv_weight * sum_{4 directions} ||z~ shifted by one pixel - z~||_2
+        + l2_weight * ||z~||_2
         + competition_weight * (1 - JS(student(x~), teacher(x~)))   (Adaptive DeepInversion)
 
 mean_l and var_l (biased) are the per-channel batch statistics of BatchNorm layer l's input;
-the labels y cycle through the task's classes, so every class gets the same number of images.
+z~ is x~ standardised (the variable optimised, below); the labels y cycle through the task's
+classes, so the classes' image counts differ by one at most.
 The synthesised images are kept as uint8, like a replay buffer's, with their task id, label
 and the frozen network's logits on them (computed on the stored, quantised pixels, so the
 targets are exactly those of the images replayed). While later tasks train, each step draws
@@ -49,7 +50,8 @@ Where this differs:
   input standardisation (seq-tinyimg, --normalize_inputs 1) its mean and std, otherwise
   mean 0.5 and std 0.25 (about CIFAR-10's and Tiny-ImageNet's channel statistics). After
   every step z is clipped so the pixels stay in [0, 1], as the authors' ImageNet code clips
-  (its CIFAR code does not); without it the uint8 images would not be those optimised.
+  (its CIFAR code does not); without it the uint8 images would not be those optimised. The
+  initial noise is clipped the same way (the reference starts from unclipped noise).
 - The images kept are the last iterate: the CIFAR code's "best" copy shares the optimised
   tensor's storage (inputs.data), so it returns the last iterate too.
 - The distillation is KL scaled by T^2 (models/lwf.py's); Always Be Dreaming's is the
@@ -63,6 +65,9 @@ Where this differs:
   student is the network being distilled, which in continual learning does not exist until
   the next task trains.
 - Nothing is synthesised after the last task: no later task would replay it.
+- The replay is a fixed set (--synthetic_per_task images per task), each image's target the
+  logits of the network right after its task; Always Be Dreaming's generator draws fresh
+  images every step and scores them with the previous task's network.
 - Replayed images are not augmented: their targets are the frozen network's logits on
   exactly these pixels, and a zero-padded crop of an image optimised to match the
   BatchNorm statistics would leave both.
