@@ -241,6 +241,11 @@ def test_dgr_refuses_per_task_batchnorm(tmp_path, capsys):
     assert_one_line_error(capsys, main, argv, "dgr", "--per_task_bn")
 
 
+def test_dgr_refuses_batchnorm_without_running_statistics(tmp_path, capsys):
+    argv = synthetic_argv(tmp_path, "--bn_running_stats", "0", model="dgr")
+    assert_one_line_error(capsys, main, argv, "dgr", "--bn_running_stats 0")
+
+
 @pytest.mark.slow
 def test_run_writes_a_complete_result_with_the_generator_in_memory(tmp_path, capsys):
     extra = ("--n_epochs", "1", "--gen_nf", "4", "--latent_dim", "8")

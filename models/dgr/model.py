@@ -45,6 +45,8 @@ Where this departs from the paper and its code:
   is): Adam at --gen_lr 0.005, --latent_dim 128, --kld_weight 0.00025 (configs/vae.yaml and
   configs/cvae.yaml), the fork's widths from 32 (--gen_nf); without AntixK's per-epoch
   learning-rate decay (0.95): a fresh Adam each task, as the solver's fresh optimizer.
+  AntixK's kld_weight is for 64 x 64 images: against the per-pixel mean error, the same
+  weight makes the KL term 4 times heavier on 32 x 32 images than on those.
 - The generator learns the task's un-augmented images (the data, not the crop-and-flip
   augmentation); the solver learns augmented real images and un-augmented generated ones.
 - The mixing ratio weights the two losses within every step, as kuc2477's later code does
@@ -84,6 +86,7 @@ from models.dgr.vae import ConvVAE, vae_loss
 from models.replay import with_replay
 from utils.buffer import ReplaySample
 from utils.context import TrainingContext
+from utils.errors import UserError
 from utils.sizes import network_bytes
 from utils.validators import fraction, non_negative_float, positive_float, positive_int
 
@@ -152,6 +155,10 @@ class Dgr(ContinualModel):
 
     def __init__(self, net: TaskNetwork, dataset: SequentialDataset,
                  args: argparse.Namespace) -> None:
+        if not args.bn_running_stats:
+            raise UserError(f"{self.NAME}'s previous solver labels the replay in eval mode, "
+                            "which without running statistics would depend on the replayed "
+                            "batch; drop --bn_running_stats 0")
         super().__init__(net, dataset, args)
         self.generator = ConvVAE(dataset.IMAGE_SIZE, dataset.CHANNELS, dataset.N_TASKS,
                                  args.gen_nf, args.latent_dim)

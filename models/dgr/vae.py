@@ -5,8 +5,9 @@ backbone/VAE.py, itself AntixK/PyTorch-VAE's VanillaVAE): stride-2 3x3 convoluti
 BatchNorm and LeakyReLU halve the image down to 2 x 2; linear layers give the latent mean and
 log-variance; the decoder mirrors the encoder with stride-2 transposed convolutions, and a
 last transposed convolution plus a 3x3 convolution and a sigmoid give images in [0, 1], the
-range the solver's inputs are in. Stage widths double from `width` (the fork's
-[32, 64, 128, 256] on 32 x 32 images, one more stage on 64 x 64). The loss is the fork's:
+range the solver's inputs are in. Stage widths double from `width`: the fork's
+[32, 64, 128, 256, 512] on 64 x 64 images (the only size its linear layers fit); on 32 x 32
+images the last stage goes, [32, 64, 128, 256]. The loss is the fork's:
 the pixel mean of the squared error plus kld_weight times the KL divergence to N(0, I)
 summed over the latent dimensions, here per sample (so replayed and real samples can be
 weighted apart).
