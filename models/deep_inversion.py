@@ -22,7 +22,7 @@ targets are exactly those of the images replayed). While later tasks train, each
 a minibatch of them and trains on the current batch and the replayed one as one forward
 (every sample through its own task's head):
 
-    CE(head_t(x), y) + alpha * T^2 * KL(softmax(stored logits / T) || softmax(logits / T))
+    CE(head_t(x), y) + alpha * KL(softmax(stored logits / T) || softmax(logits / T))
 
 Followed from the authors' CIFAR-10 code (NVlabs/DeepInversion,
 cifar10/deepinversion_cifar10.py, with the "paper parameters" of its cifar10/README.md:
@@ -54,9 +54,8 @@ Where this differs:
   initial noise is clipped the same way (the reference starts from unclipped noise).
 - The images kept are the last iterate: the CIFAR code's "best" copy shares the optimised
   tensor's storage (inputs.data), so it returns the last iterate too.
-- The distillation is KL scaled by T^2 (models/lwf.py's); Always Be Dreaming's is the
-  soft-target cross-entropy without T^2 (the same gradient divided by T^2), so at T 2 the
-  same alpha weighs it 4 times as much here. Its baseline also distils the old classes'
+- The distillation is models/lwf.py's KL, with the gradient of Always Be Dreaming's
+  soft-target cross-entropy (no T^2 factor). Its baseline also distils the old classes'
   outputs on the current batch (an LwF term), left out here: only the synthesised images
   are distilled.
 - The competition's student is the network as it was when task t began (a copy taken at

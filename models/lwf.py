@@ -5,9 +5,13 @@ network as it was before task t: at begin_task a frozen copy of the network is t
 every (augmented) training batch the loss is
 
     CE(head_t(x), y)
-        + alpha * sum_{j<t} T^2 * KL(softmax(old_head_j(x) / T) || softmax(head_j(x) / T))
+        + alpha * sum_{j<t} KL(softmax(old_head_j(x) / T) || softmax(head_j(x) / T))
 
-The targets are computed on the fly on the same augmented batch the live network sees, rather
+The KL has the gradient of the paper's distillation, the cross-entropy of the softened
+distributions, which mammoth's and FACIL's LwF compute too: (softmax(head / T) - target) / T
+per logit, with no T^2 factor (Hinton et al.'s), so their published alpha carries over as it
+is. Mammoth's single-head version softens one softmax over all old classes; here each old
+head has its own. The targets are computed on the fly on the same augmented batch the live network sees, rather
 than recorded once on the un-augmented images: this matches the old model's outputs to exactly
 the inputs being trained on, with no stored logits. The frozen copy runs in eval mode (its
 BatchNorm uses the running statistics it had before the task). The copy exists only while a
@@ -39,10 +43,11 @@ def heads_logits(net: TaskNetwork, x: torch.Tensor, n_heads: int) -> list[torch.
 
 def distillation_loss(logits: torch.Tensor, targets: torch.Tensor,
                       temperature: float) -> torch.Tensor:
-    """T^2-scaled KL between the softened target and predicted distributions (batch mean)."""
+    """KL between the softened target and predicted distributions (batch mean), without a
+    T^2 factor: the gradient of LwF's softened cross-entropy (module docstring)."""
     return F.kl_div(F.log_softmax(logits / temperature, dim=1),
                     F.log_softmax(targets / temperature, dim=1),
-                    reduction="batchmean", log_target=True) * temperature ** 2
+                    reduction="batchmean", log_target=True)
 
 
 class Lwf(ContinualModel):

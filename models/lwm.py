@@ -5,7 +5,7 @@ copy of the network taken at begin_task (as in LwF) is the teacher, and each tra
 costs
 
     CE(head_t(x), y)
-        + beta  * sum_{j<t} T^2 * KL(softmax(old_head_j(x) / T) || softmax(head_j(x) / T))
+        + beta  * sum_{j<t} KL(softmax(old_head_j(x) / T) || softmax(head_j(x) / T))
         + gamma * mean_i || Q_old(x_i) / ||Q_old(x_i)||_2 - Q_new(x_i) / ||Q_new(x_i)||_2 ||_1
 
 (the paper's beta and gamma; it gives no values, so both default to 1, as FACIL's). Q is the
@@ -49,7 +49,7 @@ Where this departs from FACIL (knowingly):
   BatchNorm, residual addition and ReLU.
 - The knowledge distillation is LwF's, per old head (lwf.distillation_loss, --temperature,
   default 2); FACIL's is one cross-entropy over all old heads' logits concatenated, with
-  probabilities raised to 1/2 (the same T = 2) and no T^2 factor.
+  probabilities raised to 1/2 (the same T = 2), the same gradient per logit within a head.
 - As this framework's LwF, every parameter trains, old heads included; FACIL without
   exemplars trains only the shared layers and the newest head. No exemplars, no warm-up.
 
@@ -149,9 +149,10 @@ class Lwm(Lwf):
     NAME = "lwm"
     SHARED_BN_REASON = "distils every old head and its attention from the same features"
     # No tuned LwM values exist for these benchmarks (the paper gives no beta and gamma; FACIL
-    # defaults both to 1): the options LwM shares with LwF take mammoth's LwF values
-    # (aimagelab/mammoth, utils/best_args.py; its distillation weight alpha as beta), gamma
-    # FACIL's 1 (mmasana/FACIL, src/approach/lwm.py).
+    # defaults both to 1, and its grid search starts from beta 2, gamma 1): the options LwM
+    # shares with LwF take mammoth's LwF values (aimagelab/mammoth, utils/best_args.py; its
+    # distillation weight alpha as beta), gamma FACIL's 1 (mmasana/FACIL, src/approach/lwm.py,
+    # gridsearch_config.py).
     BEST_CONFIGS = {dataset: {**{k: v for k, v in config.items() if k != "alpha"},
                               "beta": config["alpha"], "gamma": 1.0}
                     for dataset, config in Lwf.BEST_CONFIGS.items()}

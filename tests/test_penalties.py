@@ -15,6 +15,7 @@ from datasets.seq_synthetic import SequentialSynthetic
 from helpers import (assert_one_line_error, build_on_cpu, check_result, cpu_context,
                      network_bytes, run_synthetic, synthetic_argv)
 from models import ewc_on
+from models.lwf import distillation_loss
 from models.penalty import QuadraticPenalty
 from utils.args import parse_args
 from utils.main import main
@@ -253,6 +254,22 @@ def test_lwf_targets_come_from_the_network_before_the_task(synthetic_args):
     torch.testing.assert_close(method.old_targets(x, 1)[0], before)
     method.end_task(1, second, ctx)
     assert method.old_net is None
+
+
+def test_distillation_has_the_gradient_of_lwfs_softened_cross_entropy():
+    """The LwF paper's, mammoth's and FACIL's loss: -sum softmax(old / T) log softmax(new / T),
+    batch mean; no T^2 factor, so their published weights apply unscaled."""
+    torch.manual_seed(0)
+    old = torch.randn(4, 3)
+    new = torch.randn(4, 3, requires_grad=True)
+    temperature = 2.0
+    distillation_loss(new, old, temperature).backward()
+    # by hand: d/d new = (softmax(new / T) - softmax(old / T)) / T / batch
+    expected = (F.softmax(new.detach() / temperature, 1)
+                - F.softmax(old / temperature, 1)) / temperature / 4
+    torch.testing.assert_close(new.grad, expected)
+    assert distillation_loss(old, old, temperature).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(new.detach(), old, temperature).item() > 0
 
 
 def test_lwf_refuses_per_task_batchnorm(tmp_path, capsys):
