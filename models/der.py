@@ -1,6 +1,10 @@
 """Dark Experience Replay (Buzzega et al., NeurIPS 2020): the buffer keeps each sample's
 logits from when it was stored, and replay matches them (MSE), distilling the past network
-without keeping a copy of it.
+without keeping a copy of it. A buffer sample's stored and matched logits are those of its
+own task's head; mammoth's single head stores and matches all classes' logits. The MSE is
+a mean over the logits matched in both, so one alpha gives the same loss per logit on
+average (per matched logit it weighs classes / classes per task times mammoth's, on the
+fewer logits matched here).
 
 Logits stored while the first steps overshoot (too high an lr for the network) become
 targets that the squared loss keeps pulling towards, so DER can diverge where plain SGD

@@ -44,10 +44,9 @@ Where this differs from mammoth's code:
 - mammoth's `finetuning_epochs` (best arguments) fine-tunes on one buffer batch per "epoch";
   here the option says what it counts: --finetuning_steps.
 - Mammoth's single head scores anchors over all classes; here each anchor uses its own task's
-  head, as every replayed sample does. The anchor loss's mean is then over the task's
-  classes (2 on seq-cifar10, against mammoth's 10), so the same hal_lambda weighs each
-  logit's change 5 times as much there (hal_lambda * classes per task / classes would
-  match mammoth's weight per logit).
+  head, as every replayed sample does. The anchor loss is then a mean over the task's
+  classes (2 on seq-cifar10, against mammoth's 10): the same hal_lambda gives the same loss
+  per logit on average, and weighs each matched logit's change 5 times as much.
 - Anchors are images in [0, 1], standardised inside the network when the dataset's inputs
   are. Mammoth draws U[0, 1) in its standardised input space (its seq-cifar10 standardises)
   and takes its SGD steps there: here the initial anchors span the pixel range, and with
