@@ -52,7 +52,7 @@ class Agem(ReplayModel):
         grad, reached = self._gradient(loss)
         ref, ref_reached = self._gradient(F.cross_entropy(self.net(past.x, past.t), past.y))
         self._set_gradient(project(grad, ref), reached, ref_reached)
-        self.optimizer.step()
+        self.step_optimizer()
         return loss.detach()
 
     def _gradient(self, loss: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:

@@ -160,6 +160,8 @@ class ContinualModel(nn.Module):
         self.net = net
         self.args = args
         self.n_tasks = dataset.N_TASKS
+        # The task train_epochs is learning (None: every sample's own, as joint's).
+        self.training_task: int | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
@@ -257,6 +259,7 @@ class ContinualModel(nn.Module):
         `with_raw` also passes the batch's un-augmented uint8 images: step(x, y, task, raw).
         """
         self.train()
+        self.training_task = task
         first = None
         for epoch in range(n_epochs):
             loss, images, start = None, 0, time.perf_counter()
@@ -312,8 +315,18 @@ class ContinualModel(nn.Module):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.adjust_gradients()
-        self.optimizer.step()
+        self.step_optimizer()
         return loss.detach()
+
+    def step_optimizer(self) -> None:
+        """Step the optimizer on the gradients as they are, except the heads of tasks after the
+        one being trained: a batch mixing tasks computes every head (zero gradients for
+        those), and the optimizer must leave them, weight decay included, untouched."""
+        if self.training_task is not None:
+            for later in range(self.training_task + 1, self.n_tasks):
+                for p in self.net.head(later).parameters():
+                    p.grad = None
+        self.optimizer.step()
 
     def adjust_gradients(self) -> None:
         """Hook between backward and the step, for methods that constrain gradients (e.g.

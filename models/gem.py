@@ -75,5 +75,5 @@ class Gem(Agem):
         grad, hits = self._gradient(loss)
         self._set_gradient(project_to_cone(grad, torch.stack(refs), self.args.gamma),
                            hits, *reached)
-        self.optimizer.step()
+        self.step_optimizer()
         return loss.detach()

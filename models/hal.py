@@ -226,7 +226,7 @@ class Hal(ReplayModel):
             anchor_loss.backward()
             loss = loss + anchor_loss
         self.adjust_gradients()
-        self.optimizer.step()
+        self.step_optimizer()
         self.update_phi(x, task)
         self.store(raw, y, task)
         return loss.detach()

@@ -10,7 +10,7 @@ import torch
 
 from datasets.seq_synthetic import SequentialSynthetic
 import models.gem
-from helpers import assert_one_line_error, synthetic_argv
+from helpers import assert_one_line_error, build_on_cpu, cpu_context, synthetic_argv
 from models.agem import project
 from models.gem import project_to_cone
 from utils.buffer import ReservoirBuffer
@@ -107,6 +107,27 @@ def test_der_stores_logits_from_insertion_time(synthetic_args):
     model.observe(x, data.y[:16], 0, raw=raw)
     assert torch.equal(model.buffer.logits[:16], stored)
     assert not torch.allclose(model.buffer.logits[16:32], stored, atol=1e-3)
+
+
+@pytest.mark.parametrize("model", ["er", "agem", "gem"])
+def test_mixed_task_batches_leave_later_heads_untouched(synthetic_args, model):
+    """Replayed batches mix tasks, so every head is computed; weight decay must still not
+    reach the heads of tasks not learned yet."""
+    dataset, method = build_on_cpu(synthetic_args, model, "--nf", "4", "--n_epochs", "1",
+                                   "--optim_wd", "0.5", "--buffer_size", "20")
+    ctx = cpu_context()
+    for task in (0, 1):
+        data = dataset.train_data(task).subset(torch.arange(32))
+        if task == 1:
+            before = {k: [p.detach().clone() for p in method.net.head(k).parameters()]
+                      for k in range(dataset.N_TASKS)}
+        method.begin_task(task, data)
+        method.fit_task(task, data, ctx)
+        method.end_task(task, data, ctx)
+    for k, params in before.items():
+        unchanged = all(torch.equal(p, q) for p, q in zip(method.net.head(k).parameters(),
+                                                           params))
+        assert unchanged == (k > 1), k
 
 
 def test_checkpoint_carries_the_buffer(synthetic_args):
