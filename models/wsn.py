@@ -6,9 +6,11 @@ straight through, so weights and scores learn together. Weights used by any earl
 are frozen (their gradients are zeroed) and each finished task's masks are stored, so an
 earlier task's weights W * m_t never change: its predictions stay bit-identical.
 
-Each task has its own head and, by default, its own BatchNorm set normalising with batch
-statistics, as the reference's BatchNorm does (it tracks no running statistics); a set per
-task keeps the forget-free property while its affine parameters learn. Masks are reported
+Each task has its own head and its own BatchNorm set normalising with batch statistics, as
+the reference's BatchNorm does (it tracks no running statistics); a set per task keeps the
+forget-free property while its affine parameters learn (shared BatchNorm would break it, so
+it is refused). The reference's BatchNorm has no affine parameters and its heads no bias;
+here both learn, per task (--head_bias 0 drops the bias). Masks are reported
 packed as bits, as the paper counts them (without its extra Huffman compression); the
 scores, kept to learn later tasks, are reported too.
 """
@@ -46,12 +48,14 @@ def _key(layer_name: str) -> str:
 
 
 # The reference's settings (ihaeyong/WSN, scripts/wsn/): 5-Datasets with this reduced
-# ResNet-18 (nf 20; CIFAR-10 is one of its five tasks): Adam, lr 0.1, batch 64, up to 100
-# epochs; CIFAR-100 in 10 tasks (with AlexNet): Adam, lr 1e-3, batch 64, 50 epochs. Both
-# decay the lr on a validation plateau, which is not reproduced here. The capacity c is a
-# script argument (default 0.5).
+# ResNet-18 (nf 20; CIFAR-10 is one of its five tasks): Adam, lr 1e-3 (wsn_five_data.sh since
+# commit 7d8cd4d; its first version had 1e-1), batch 64, up to 100 epochs; CIFAR-100 in 10
+# tasks (with AlexNet): Adam, lr 1e-3, batch 64, 50 epochs (wsn_cifar100_100.sh's first
+# version; the current one sets 200). Both halve the lr on a validation plateau (5% held out),
+# stop below a minimum lr and restore the best model on it, which is not reproduced here. The
+# capacity c is a script argument (default 0.5).
 REFERENCE_RUNS = {
-    "seq-cifar10": dict(lr=0.1, batch_size=64, n_epochs=100, sparsity=0.5),
+    "seq-cifar10": dict(lr=1e-3, batch_size=64, n_epochs=100, sparsity=0.5),
     "seq-cifar100": dict(lr=1e-3, batch_size=64, n_epochs=50, sparsity=0.5),
 }
 
@@ -75,6 +79,10 @@ class WSN(ContinualModel):
         if args.optim_wd > 0:
             raise UserError("wsn freezes earlier tasks' weights by zeroing their gradients, "
                             "and weight decay would still move them: use --optim_wd 0")
+        if not args.per_task_bn:
+            raise UserError("wsn keeps earlier tasks' predictions fixed, which BatchNorm "
+                            "shared by all tasks (and trained by each) would not; drop "
+                            "--per_task_bn 0")
         super().__init__(net, dataset, args)
         self.refuse_momentum("Adam")
         self.layers = self.conv_layers()

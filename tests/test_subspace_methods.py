@@ -188,6 +188,11 @@ def test_wsn_refuses_weight_decay(tmp_path, capsys):
                                                        model="wsn"), "--optim_wd 0")
 
 
+def test_wsn_refuses_shared_batchnorm(tmp_path, capsys):
+    assert_one_line_error(capsys, main, synthetic_argv(tmp_path, "--per_task_bn", "0",
+                                                       model="wsn"), "--per_task_bn 0")
+
+
 @pytest.mark.parametrize("model", ["wsn", "adam_nscl"])
 def test_adam_methods_refuse_momentum_and_follow_the_lr_schedule(synthetic_args, tmp_path,
                                                                   capsys, model):
