@@ -11,10 +11,13 @@ trained on the first task only; each task has its own head; plain SGD. Departure
 reference subsamples 10 or 50 of its 100 examples for the early layers, to keep the matrices
 it takes SVDs of small; Gram matrices have no such cost, so every layer uses all
 --gpm_samples. Its validation-based learning-rate decay with early stopping is not
-reproduced (the framework's --lr_step schedule is available instead). The framework feeds
-images in [0, 1] without the reference's per-channel mean/std normalisation, so the stem's
-uncentred input energy is dominated by the mean and its basis keeps fewer directions at the
-same threshold.
+reproduced (the framework's --lr_step schedule is available instead). CIFAR images are fed
+in [0, 1] by default, without the reference's per-channel mean/std normalisation
+(--normalize_inputs 1 adds it), so the stem's uncentred input energy is dominated by the
+mean and its basis keeps fewer directions at the same threshold. Training batches are
+augmented (crop and flip); the reference's are not. Heads have a bias (the reference's do
+not; --head_bias 0). As in the reference, the --gpm_samples images pass as one batch (their
+BatchNorm statistics are that batch's).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.continual_model import ContinualModel
 from utils.context import TrainingContext
+from utils.errors import UserError
 from utils.sizes import tensor_bytes
 from utils.subspace import recording_grams, update_basis
 from utils.validators import fraction, non_negative_float, positive_int
@@ -50,13 +54,17 @@ class GPM(ContinualModel):
         parser.add_argument("--gpm_threshold", type=fraction, default=0.965,
                             help="energy of each layer's input space the bases keep")
         parser.add_argument("--gpm_threshold_increment", type=non_negative_float, default=0.0,
-                            help="added to the threshold per task (the reference's CIFAR-100 "
-                                 "runs use 0.97 + 0.003 per task)")
+                            help="added to the threshold per task (the reference's AlexNet "
+                                 "CIFAR-100 runs use 0.97 + 0.003 per task)")
         parser.add_argument("--gpm_samples", type=positive_int, default=100,
                             help="training images whose layer inputs build the bases")
 
     def __init__(self, net: TaskNetwork, dataset: SequentialDataset,
                  args: argparse.Namespace) -> None:
+        if args.optim_wd > 0:
+            raise UserError("gpm projects gradients off earlier tasks' input spaces, and weight "
+                            "decay, added after the projection, would still move the weights "
+                            "in them: use --optim_wd 0")
         super().__init__(net, dataset, args)
         self.layers = self.conv_layers()
         self.bases: dict[str, torch.Tensor] = {}
@@ -82,7 +90,8 @@ class GPM(ContinualModel):
     def end_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         """Grow each layer's input basis from --gpm_samples un-augmented training images."""
         with ctx.phase("projection"), recording_grams(self.layers, "input") as grams:
-            self.forward_samples(data, ctx, self.args.gpm_samples, task, augment=False)
+            self.forward_samples(data, ctx, self.args.gpm_samples, task, augment=False,
+                                 batch_size=self.args.gpm_samples)
         threshold = self.args.gpm_threshold + task * self.args.gpm_threshold_increment
         for name, acc in grams.items():
             old = self.bases.get(name)

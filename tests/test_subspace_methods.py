@@ -113,6 +113,17 @@ def test_null_space_keeps_the_eigenvalues_up_to_ratio_times_the_smallest():
     torch.testing.assert_close(normalized.norm(), torch.tensor(1.0, dtype=torch.float64))
 
 
+def test_null_space_of_a_rank_deficient_covariance_keeps_every_null_direction():
+    torch.manual_seed(0)
+    features = torch.randn(200, 12, dtype=torch.float64) @ torch.randn(12, 20,
+                                                                     dtype=torch.float64)
+    covariance = features.T @ features / 200  # rank 12 of 20: 8 null directions
+    projector = null_space_projector(covariance, eigen_ratio=10.0, normalize=False)
+    assert torch.linalg.matrix_rank(projector).item() == 8
+    torch.testing.assert_close(covariance @ projector, torch.zeros_like(covariance),
+                               atol=1e-9, rtol=0)
+
+
 def test_adam_nscl_updates_lie_in_the_computed_null_space(synthetic_args):
     dataset, nscl = build_on_cpu(synthetic_args, "adam_nscl", "--n_epochs", "1",
                            "--nscl_samples", "64", "--nscl_eigen_ratio", "50")
@@ -186,6 +197,11 @@ def test_wsn_gradients_pass_straight_through_the_mask(synthetic_args):
 def test_wsn_refuses_weight_decay(tmp_path, capsys):
     assert_one_line_error(capsys, main, synthetic_argv(tmp_path, "--optim_wd", "0.1",
                                                        model="wsn"), "--optim_wd 0")
+
+
+def test_gpm_refuses_weight_decay(tmp_path, capsys):
+    assert_one_line_error(capsys, main, synthetic_argv(tmp_path, "--optim_wd", "0.1",
+                                                       model="gpm"), "--optim_wd 0")
 
 
 def test_wsn_refuses_shared_batchnorm(tmp_path, capsys):
