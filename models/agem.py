@@ -23,7 +23,8 @@ def project(grad: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 class Agem(ReplayModel):
     NAME = "agem"
     # Best values with a 500-image buffer from mammoth's utils/best_args.py (aimagelab/mammoth,
-    # the DER paper's grid search).
+    # the DER paper's grid search), with that code's memory (its first commit, 7ab9db9:
+    # buffer_size / tasks random images per finished task; mammoth now keeps one batch).
     BEST_CONFIGS = {
         "seq-cifar10": dict(lr=0.03, minibatch_size=32, batch_size=32, n_epochs=50),
         "seq-tinyimg": dict(lr=0.01, minibatch_size=32, batch_size=32, n_epochs=100),

@@ -22,7 +22,9 @@ only while lr * 2 * e_lambda * F_i < 2; with the exact Fisher, mammoth's lr 0.03
 break that bound. `--model_config best` therefore runs mammoth's values with mammoth's mode.
 
 Only shared parameters are anchored (see models/penalty.py): in Task-IL a task's own head
-never moves after the task, so its Fisher would weigh a difference that is always zero.
+never moves after the task, so its Fisher would weigh a difference that is always zero. The
+log-likelihood is over the task head's classes; mammoth's is over its single head's (all
+classes), so its Fisher, and the scale its e_lambda was tuned for, differ by no fixed factor.
 
 With --fisher_batch_size 1 (the default) each sample's gradient is squared. On CPU that is one
 backward pass per sample (vmap gains little there: 0.8x to 1.3x by chunk size, 128 CIFAR
