@@ -11,8 +11,9 @@ published c applies). Only shared parameters are tracked (see models/penalty.py)
 Two ways to accumulate omega and take the step (--omega_mode). `paper` (the default): as
 above. `mammoth`: mammoth's SI as its published c was tuned with (aimagelab/mammoth,
 models/si.py before September 2024, e.g. its first commit 7ab9db9; it has since accumulated
-the task-loss gradient times the step, our `paper` mode plus its clipping): the gradient of the whole loss (task loss plus penalty) is clipped to [-1, 1]
-elementwise (clip_grad_value_) before the step, and omega += lr * g^2 with that clipped total
+the task-loss gradient times the step, our `paper` mode plus its clipping): the gradient
+of the whole loss (task loss plus penalty) is clipped to [-1, 1] elementwise
+(clip_grad_value_) before the step, and omega += lr * g^2 with that clipped total
 gradient and --lr (-g * step for plain SGD, used whatever the optimizer and schedule).
 `--model_config best` runs mammoth's values in mammoth's mode.
 
