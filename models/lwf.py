@@ -11,9 +11,11 @@ The KL has the gradient of the paper's distillation, the cross-entropy of the so
 distributions, which mammoth's and FACIL's LwF compute too: (softmax(head / T) - target) / T
 per logit, with no T^2 factor (Hinton et al.'s), so their published alpha carries over as it
 is. Mammoth's single-head version softens one softmax over all old classes; here each old
-head has its own. The targets are computed on the fly on the same augmented batch the live network sees, rather
-than recorded once on the un-augmented images: this matches the old model's outputs to exactly
-the inputs being trained on, with no stored logits. The frozen copy runs in eval mode (its
+head has its own.
+
+The targets are computed on the fly on the same augmented batch the live network sees,
+rather than recorded once on the un-augmented images: this matches the old model's outputs
+to exactly the inputs being trained on, with no stored logits. The frozen copy runs in eval mode (its
 BatchNorm uses the running statistics it had before the task). The copy exists only while a
 task is trained and is dropped at end_task, so the memory between tasks is the network alone.
 The original's warm-up of the new head with the rest frozen is left out.
