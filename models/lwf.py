@@ -15,10 +15,10 @@ head has its own.
 
 The targets are computed on the fly on the same augmented batch the live network sees,
 rather than recorded once on the un-augmented images: this matches the old model's outputs
-to exactly the inputs being trained on, with no stored logits. The frozen copy runs in eval mode (its
-BatchNorm uses the running statistics it had before the task). The copy exists only while a
-task is trained and is dropped at end_task, so the memory between tasks is the network alone.
-The original's warm-up of the new head with the rest frozen is left out.
+to exactly the inputs being trained on, with no stored logits. The frozen copy runs in eval
+mode (its BatchNorm uses the running statistics it had before the task). The copy exists
+only while a task is trained and is dropped at end_task, so the memory between tasks is the
+network alone. The original's warm-up of the new head with the rest frozen is left out.
 
 All old heads read the same features, so per-task BatchNorm (which would compute them with
 another task's statistics and update old tasks' running statistics) is refused.
