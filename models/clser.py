@@ -38,6 +38,8 @@ Departures:
 - Task-IL, multi-head: every sample, current or replayed, goes through its own task's head
   in all three networks, and the memories' probabilities are a softmax over that head (the
   reference trains one single-head class-IL network and gets Task-IL numbers by masking).
+  The consistency loss compares the own head's logits only, each weighted as in the
+  reference's mean over all classes (replay.single_head_mse), so --reg_weight carries over.
 - Inference uses the stable memory, as in the paper, which reports the stable model. The
   reference evaluates all three networks after each task and logs them
   separately; its main log is the working network's, the stable and plastic ones are in
@@ -57,7 +59,7 @@ import torch.nn.functional as F
 
 from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset
-from models.replay import ReplayModel, with_replay
+from models.replay import ReplayModel, single_head_mse, with_replay
 from utils.buffer import ReplaySample
 from utils.sizes import network_bytes
 from utils.validators import fraction, non_negative_float
@@ -91,10 +93,12 @@ def semantic_targets(stable_logits: torch.Tensor, plastic_logits: torch.Tensor,
 
 
 def consistency_loss(logits: torch.Tensor, stable_logits: torch.Tensor,
-                     plastic_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between the working network's logits and the chosen memory's."""
+                     plastic_logits: torch.Tensor, labels: torch.Tensor,
+                     n_classes: int) -> torch.Tensor:
+    """Squared error between the working network's logits and the chosen memory's, each
+    logit weighted as in mammoth's mean over all n_classes (replay.single_head_mse)."""
     targets = semantic_targets(stable_logits, plastic_logits, labels)
-    return F.mse_loss(logits.float(), targets.detach().float())
+    return single_head_mse(logits, targets, n_classes)
 
 
 class Clser(ReplayModel):
@@ -174,7 +178,8 @@ class Clser(ReplayModel):
         with torch.no_grad():
             stable_logits = self.stable_model(past.x, past.t)
             plastic_logits = self.plastic_model(past.x, past.t)
-        return consistency_loss(self.net(past.x, past.t), stable_logits, plastic_logits, past.y)
+        return consistency_loss(self.net(past.x, past.t), stable_logits, plastic_logits, past.y,
+                                self.n_classes)
 
     def update_memories(self) -> None:
         """Each memory, with its own probability, takes an EMA step towards the working

@@ -1,10 +1,8 @@
 """Dark Experience Replay (Buzzega et al., NeurIPS 2020): the buffer keeps each sample's
 logits from when it was stored, and replay matches them (MSE), distilling the past network
 without keeping a copy of it. A buffer sample's stored and matched logits are those of its
-own task's head; mammoth's single head stores and matches all classes' logits. The MSE is
-a mean over the logits matched in both, so one alpha gives the same loss per logit on
-average (per matched logit it weighs classes / classes per task times mammoth's, on the
-fewer logits matched here).
+own task's head; mammoth's single head stores and matches all classes' logits. Each matched
+logit is weighted as in mammoth (replay.single_head_mse), so its alpha carries over.
 
 Logits stored while the first steps overshoot (too high an lr for the network) become
 targets that the squared loss keeps pulling towards, so DER can diverge where plain SGD
@@ -14,7 +12,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from models.replay import ReplayModel
+from models.replay import ReplayModel, single_head_mse
 from utils.validators import non_negative_float
 
 
@@ -46,4 +44,5 @@ class Der(ReplayModel):
         past = self.replay()
         if past is None:
             return 0.0
-        return self.args.alpha * F.mse_loss(self.net(past.x, past.t), past.logits)
+        return self.args.alpha * single_head_mse(self.net(past.x, past.t), past.logits,
+                                                 self.n_classes)

@@ -44,9 +44,8 @@ Where this differs from mammoth's code:
 - mammoth's `finetuning_epochs` (best arguments) fine-tunes on one buffer batch per "epoch";
   here the option says what it counts: --finetuning_steps.
 - Mammoth's single head scores anchors over all classes; here each anchor uses its own task's
-  head, as every replayed sample does. The anchor loss is then a mean over the task's
-  classes (2 on seq-cifar10, against mammoth's 10): the same hal_lambda gives the same loss
-  per logit on average, and weighs each matched logit's change 5 times as much.
+  head, as every replayed sample does; each logit's change is weighted as in mammoth's mean
+  over all classes (replay.single_head_mse), so hal_lambda carries over.
 - Anchors are images in [0, 1], standardised inside the network when the dataset's inputs
   are. Mammoth draws U[0, 1) in its standardised input space (its seq-cifar10 standardises)
   and takes its SGD steps there: here the initial anchors span the pixel range, and with
@@ -66,7 +65,7 @@ from torch.func import functional_call, vmap
 from backbone.contract import TaskNetwork
 from datasets.continual_dataset import SequentialDataset, TaskData
 from models.continual_model import batch_statistics
-from models.replay import ReplayModel, with_replay
+from models.replay import ReplayModel, single_head_mse, with_replay
 from utils.buffer import RingBuffer
 from utils.context import TrainingContext
 from utils.errors import UserError
@@ -116,15 +115,15 @@ def temporary_step(net: nn.Module, lr: float) -> Params:
 
 
 def preservation_loss(net: TaskNetwork, stepped: Params, anchors: torch.Tensor,
-                      anchor_tasks: torch.Tensor, hal_lambda: float) -> torch.Tensor:
-    """hal_lambda * mean (f_stepped(e) - f(e))^2 over anchors and their task's classes, each
+                      anchor_tasks: torch.Tensor, hal_lambda: float,
+                      n_classes: int) -> torch.Tensor:
+    """hal_lambda * (f_stepped(e) - f(e))^2 summed over anchors and their task's classes and
+    divided by anchors x n_classes (mammoth's weight per logit, replay.single_head_mse), each
     anchor through its own task's head; differentiable in the network's own parameters."""
     with torch.no_grad():
         target = score(net, stepped, anchors, anchor_tasks)[1]
-    change = target - score(net, None, anchors, anchor_tasks)[1]
-    # at least float32 (bfloat16 under --amp), never less than the network's own precision
-    change = change.to(torch.promote_types(change.dtype, torch.float32))
-    return hal_lambda * change.pow(2).mean()
+    return hal_lambda * single_head_mse(score(net, None, anchors, anchor_tasks)[1], target,
+                                        n_classes)
 
 
 def anchor_terms(net: TaskNetwork, finetuned: Params, current: Params, anchors: torch.Tensor,
@@ -221,8 +220,8 @@ class Hal(ReplayModel):
         if self.anchors is not None:
             stepped = temporary_step(self.net, self.optimizer.param_groups[0]["lr"])
             with self.extra_pass_statistics():
-                anchor_loss = preservation_loss(self.net, stepped, self.anchors,
-                                                self.anchor_t, self.args.hal_lambda)
+                anchor_loss = preservation_loss(self.net, stepped, self.anchors, self.anchor_t,
+                                                self.args.hal_lambda, self.n_classes)
             anchor_loss.backward()
             loss = loss + anchor_loss
         self.adjust_gradients()

@@ -35,6 +35,7 @@ class ReplayModel(ContinualModel):
         super().__init__(net, dataset, args)
         self.buffer = ReservoirBuffer(args.buffer_size, channels_last=bool(args.channels_last))
         self.minibatch_size = args.minibatch_size or args.batch_size
+        self.n_classes = dataset.N_TASKS * dataset.N_CLASSES_PER_TASK
 
     def fit_task(self, task: int, data: TaskData, ctx: TrainingContext) -> None:
         """The default epochs of `observe`, with each batch's raw images (module docstring)."""
@@ -64,6 +65,20 @@ class ReplayModel(ContinualModel):
 
     def memory_breakdown(self) -> dict[str, int]:
         return {**super().memory_breakdown(), "buffer": self.buffer.nbytes()}
+
+
+def single_head_mse(logits: torch.Tensor, targets: torch.Tensor,
+                    n_classes: int) -> torch.Tensor:
+    """Squared error of each sample's own-head logits against `targets`, weighted per logit
+    as mammoth's single head over all `n_classes` classes weighs it (F.mse_loss there: a
+    mean over batch x n_classes logits), so its published weights (DER's alpha, CLS-ER's
+    reg_weight, HAL's lambda) pull each logit as hard as there. A multi-head network has
+    only the own head's logits to compare; a mean over those alone would pull each
+    n_classes / (classes per task) times harder, which at CLS-ER's lr 0.1 diverges within
+    the first steps of a run. Computed in at least float32."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    error = logits.to(dtype) - targets.detach().to(dtype)
+    return error.pow(2).sum() / (len(logits) * n_classes)
 
 
 def with_replay(x: torch.Tensor, y: torch.Tensor, task: int,

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from datasets.continual_dataset import to_model_input
+from datasets.seq_synthetic import SequentialSynthetic
 from helpers import (assert_one_line_error, build_on_cpu, check_result, cpu_context,
                      run_synthetic, synthetic_argv)
 from models.clser import Clser, consistency_loss, ema_decay, semantic_targets
@@ -21,6 +22,7 @@ from utils.main import main
 from utils.training import evaluate
 
 SMALL = ("--nf", "4", "--buffer_size", "40")
+N_CLASSES = SequentialSynthetic.N_TASKS * SequentialSynthetic.N_CLASSES_PER_TASK
 
 
 def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
@@ -108,11 +110,12 @@ def test_memory_choice_and_consistency_loss_by_hand():
     assert torch.equal(semantic_targets(stable, plastic, labels), chosen)
 
     working = torch.tensor([[1., 1.], [1., 2.], [0., 0.], [0., 1.], [1., -1.]], requires_grad=True)
-    # squared differences: 1 + 1, 0 + 4, 0 + 1, 0 + 4, 0 + 0 = 11, over 10 logits
-    loss = consistency_loss(working, stable, plastic, labels)
-    assert loss.item() == pytest.approx(1.1)
-    loss.backward()  # the targets are constants: the gradient is 2 (working - target) / 10
-    assert torch.allclose(working.grad, 2 * (working.detach() - chosen) / 10)
+    # squared differences: 1 + 1, 0 + 4, 0 + 1, 0 + 4, 0 + 0 = 11, over 5 samples x 10
+    # classes (mammoth's single head: all of a 5 x 2 benchmark's, of which 2 compared here)
+    loss = consistency_loss(working, stable, plastic, labels, n_classes=10)
+    assert loss.item() == pytest.approx(11 / 50)
+    loss.backward()  # the targets are constants: the gradient is 2 (working - target) / 50
+    assert torch.allclose(working.grad, 2 * (working.detach() - chosen) / 50)
 
 
 def test_observe_by_hand(synthetic_args, monkeypatch):
@@ -146,7 +149,7 @@ def test_observe_by_hand(synthetic_args, monkeypatch):
     assert 0 < int(use_stable.sum()) < len(rows)  # both memories are chosen somewhere
     targets = torch.where(use_stable[:, None], stable, plastic)
     expected = (F.cross_entropy(joint, torch.cat((y, past.y)))
-                + 0.5 * ((working - targets) ** 2).mean())
+                + 0.5 * ((working - targets) ** 2).sum() / (len(working) * N_CLASSES))
 
     memories = {name: copy.deepcopy(model.memory(name).state_dict())
                 for name in ("plastic", "stable")}

@@ -112,9 +112,10 @@ def test_anchor_preservation_step_matches_a_hand_computation(synthetic_args):
     stepped = {name: w[name] - lr * g_ce[name] for name in w}
     targets = _forward(stepped, model.anchors, model.anchor_t)[1]
     a_features, a_logits = _forward(w, model.anchors, model.anchor_t)
-    preservation = lam * ((targets - a_logits) ** 2).mean()
+    # per logit weighted as mammoth's mean over all N_TASKS * CPT classes
+    preservation = lam * ((targets - a_logits) ** 2).sum() / (3 * N_TASKS * CPT)
     g_anchor = _backward(w, model.anchors, model.anchor_t, a_features,
-                         2 * lam * (a_logits - targets) / a_logits.numel())
+                         2 * lam * (a_logits - targets) / (3 * N_TASKS * CPT))
 
     loss = model.observe(x, y, task, raw)
     assert loss.item() == pytest.approx((ce + preservation).item(), rel=1e-6)

@@ -7,12 +7,14 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from datasets.seq_synthetic import SequentialSynthetic
 import models.gem
 from helpers import assert_one_line_error, build_on_cpu, cpu_context, synthetic_argv
 from models.agem import project
 from models.gem import project_to_cone
+from models.replay import single_head_mse
 from utils.buffer import ReservoirBuffer
 from utils.main import main
 from utils.setup import build
@@ -85,6 +87,22 @@ def test_buffer_bytes_counted_by_hand():
     buffer.add(x, labels, labels, logits=torch.zeros(3, 2, dtype=torch.bfloat16))
     # 5 slots x (48 uint8 pixels + 8-byte label + 8-byte task id + 2 float32 logits)
     assert buffer.nbytes() == 5 * (48 + 8 + 8 + 2 * 4)
+
+
+def test_own_head_logits_are_weighted_as_in_mammoths_single_head():
+    """mammoth's F.mse_loss over all 10 logits, when the other heads' logits match exactly,
+    equals (value and gradient) single_head_mse over the own head's 2."""
+    torch.manual_seed(0)
+    own, target = torch.randn(4, 2, requires_grad=True), torch.randn(4, 2)
+    others = torch.randn(4, 8)
+    full = torch.cat((own, others), 1)
+    mammoths = F.mse_loss(full, torch.cat((target, others), 1))
+    ours = single_head_mse(own, target, n_classes=10)
+    torch.testing.assert_close(ours, mammoths)
+    (expected,) = torch.autograd.grad(mammoths, own)
+    (gradient,) = torch.autograd.grad(single_head_mse(own, target, 10), own)
+    torch.testing.assert_close(gradient, expected)
+    torch.testing.assert_close(gradient, 2 * (own - target).detach() / 40)
 
 
 def test_der_stores_logits_from_insertion_time(synthetic_args):
