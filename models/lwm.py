@@ -9,8 +9,7 @@ costs
         + gamma * mean_i || Q_old(x_i) / ||Q_old(x_i)||_2 - Q_new(x_i) / ||Q_new(x_i)||_2 ||_1
 
 (the paper's beta and gamma; it gives no values, so both default to 1, as FACIL's). Q is the
-vectorised Grad-CAM map, for the class b_i below, at the last feature map (the output of the
-network's last convolutional stage, the map its features pool; TaskNetwork.last_feature_map):
+vectorised Grad-CAM map, for the class b_i below, at the last conv layer:
 
     Q(x_i) = vec(ReLU(sum_k alpha_k A_k)),  alpha_k = mean over positions of d y_b / d A_k,
 
@@ -37,16 +36,17 @@ Where this departs from FACIL (knowingly):
   trains as LwF). Here the new network's map keeps its graph: the hook keeps the feature map
   attached and the Grad-CAM gradient is taken with torch.autograd.grad(create_graph=True), so
   the loss reaches the conv weights through the feature map and, second order, through the
-  gradient weights alpha (the layers after the hooked map and the old heads).
+  gradient weights alpha (the layers after the hooked conv and the old heads).
 - FACIL indexes `logits[:, class_indices]`, a batch x batch matrix, so each image's map is
   weighted by the summed gradients of every image's class; here each image gets its own
   class (the intent of both the paper and FACIL).
 - FACIL's new-network map is for the new network's own argmax over all its heads, current
   one included; here it is for b_i, the old network's class, as the paper's loss compares
   the two networks' maps of one class.
-- FACIL hooks its ResNet-32's last stage (`layer3`); here the map is the output of the
-  last residual block (backbone/resnet.py: after its residual addition and ReLU), the same
-  place in the network: rectified, as Grad-CAM's and the paper's final conv maps are.
+- FACIL hooks a whole residual stage (`layer3` of its ResNet-32, after the block's ReLU). The
+  TaskNetwork contract offers the conv layers (net.conv_layers(), in forward order), so the
+  hook is on the last of them: in backbone/resnet.py the last block's conv2, before its
+  BatchNorm, residual addition and ReLU.
 - The knowledge distillation is LwF's, per old head (lwf.distillation_loss, --temperature,
   default 2); FACIL's is one cross-entropy over all old heads' logits concatenated, with
   probabilities raised to 1/2 (the same T = 2), the same gradient per logit within a head.
@@ -54,9 +54,9 @@ Where this departs from FACIL (knowingly):
   exemplars trains only the shared layers and the newest head. No exemplars, no warm-up.
 
 Both maps come from eval-mode passes, BatchNorm with running statistics, as in FACIL: in
-training mode BatchNorm's batch statistics would couple the images (each image's class score
-would depend on the others', and the gradient through the normalisation is centred over the
-batch). The new network therefore runs twice per step: an eval-mode pass for
+training mode the BatchNorm right after the hooked conv would couple the images (its batch
+statistics make each channel's gradient sum to zero over the batch, centring the weights
+alpha across images). The new network therefore runs twice per step: an eval-mode pass for
 its attention map (it leaves the running statistics alone), then the training-mode pass for
 the cross-entropy and the distillation. At the first step of a task the two networks are
 equal and so are their maps (zero loss). With --bn_running_stats 0, BatchNorm uses the
@@ -64,7 +64,7 @@ batch's statistics even in eval mode, and each map then depends on the batch (no
 
 Cost: on top of LwF's step (the frozen copy's forward), a backward of the frozen copy from
 its logits to the hooked layer, a second (eval-mode) forward of the new network, the Grad-CAM
-gradient through the layers after the hooked map with its graph kept, and a backward that
+gradient through the layers after the hooked conv with its graph kept, and a backward that
 runs through both of the new network's graphs: a step costs clearly more than LwF's and
 sgd's (utils/benchmark.py measures it; not measured here).
 
@@ -163,13 +163,13 @@ class Lwm(Lwf):
                             help="weight of the distillation loss of the old heads")
         parser.add_argument("--gamma", type=non_negative_float, default=1.0,
                             help="weight of the attention-distillation loss (Grad-CAM maps "
-                                 "of the last feature map)")
+                                 "at the last conv layer)")
         parser.add_argument("--temperature", type=positive_float, default=2.0,
                             help="softmax temperature of the distillation")
 
     def __init__(self, net, dataset: SequentialDataset, args: argparse.Namespace) -> None:
         super().__init__(net, dataset, args)
-        self.gradcam_layer = self.net.last_feature_map()  # its name, in both networks
+        self.gradcam_layer = list(self.conv_layers())[-1]  # its name, in both networks
 
     def old_attention(self, x: torch.Tensor, task: int) -> GradCam:
         """The frozen copy's maps, old heads' logits and each image's class (no graph)."""
