@@ -21,7 +21,7 @@ import torch.nn as nn
 
 class TaskNetwork(nn.Module):
     """Base class of every backbone. Subclasses implement features, task_logits, head,
-    task_modules and own_modules; the rest follows from them."""
+    task_modules, own_modules and last_feature_map; the rest follows from them."""
 
     n_tasks: int
 
@@ -47,6 +47,12 @@ class TaskNetwork(nn.Module):
 
     def own_modules(self, task: int) -> dict[str, nn.Module]:
         """The modules only task `task` uses, by name."""
+        raise NotImplementedError
+
+    def last_feature_map(self) -> str:
+        """The name of the module whose output is the last spatial feature map, the one the
+        features pool (where Grad-CAM looks). Only pooling may follow it: each image's
+        features then depend on its own map alone, whatever the BatchNorm mode."""
         raise NotImplementedError
 
     def features_depend_on_task(self) -> bool:

@@ -138,6 +138,10 @@ class ResNet(TaskNetwork):
     def head(self, task: int) -> nn.Module:
         return self.heads[task]
 
+    def last_feature_map(self) -> str:
+        """The last residual block: its output, after the addition and ReLU, is pooled."""
+        return f"blocks.{len(self.blocks) - 1}"
+
     def features_depend_on_task(self) -> bool:
         return self.per_task_bn
 

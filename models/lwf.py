@@ -89,13 +89,14 @@ class Lwf(ContinualModel):
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
         targets = self.old_targets(x, task) if task > 0 else []
-        return self.optimizer_step(self.lwf_loss(x, y, task, targets, self.args.alpha))
-
-    def lwf_loss(self, x: torch.Tensor, y: torch.Tensor, task: int,
-                 targets: list[torch.Tensor], weight: float) -> torch.Tensor:
-        """The task's cross-entropy plus `weight` times the old heads' distillation towards
-        `targets` (their logits from the frozen copy; none for the first task)."""
         logits = heads_logits(self.net, x, task + 1)
+        return self.optimizer_step(self.lwf_loss(logits, y, task, targets, self.args.alpha))
+
+    def lwf_loss(self, logits: list[torch.Tensor], y: torch.Tensor, task: int,
+                 targets: list[torch.Tensor], weight: float) -> torch.Tensor:
+        """The task's cross-entropy on head `task`'s logits plus `weight` times the old heads'
+        distillation towards `targets` (their logits from the frozen copy; none for the first
+        task); `logits` are heads 0..task's."""
         loss = F.cross_entropy(logits[task], y)
         if task > 0:
             distill = sum(distillation_loss(new, old, self.args.temperature)

@@ -9,15 +9,16 @@ costs
         + gamma * mean_i || Q_old(x_i) / ||Q_old(x_i)||_2 - Q_new(x_i) / ||Q_new(x_i)||_2 ||_1
 
 (the paper's beta and gamma; it gives no values, so both default to 1, as FACIL's). Q is the
-vectorised Grad-CAM map, for the class b_i below, at the last conv layer:
+vectorised Grad-CAM map, for the class b_i below, at the last feature map (the output of the
+network's last convolutional stage, the map its features pool; TaskNetwork.last_feature_map):
 
     Q(x_i) = vec(ReLU(sum_k alpha_k A_k)),  alpha_k = mean over positions of d y_b / d A_k,
 
 with A the layer's output (channels k, spatial positions) and y_b the logit of class b_i.
 The reference is FACIL (mmasana/FACIL, src/approach/lwm.py), followed for the class choice,
-the L1 distance per image and the mean over the batch, and for computing both maps in eval
-mode. The L2 normalisation of each image's vectorised map (F.normalize, eps 1e-12) is the
-paper's: FACIL's torch.norm(p=2, dim=1) acts on its maps' single channel axis, so it leaves
+the L1 distance per image and the mean over the batch, and for the old network's map from an
+eval-mode pass. The L2 normalisation of each image's vectorised map (F.normalize, eps 1e-12)
+is the paper's: FACIL's torch.norm(p=2, dim=1) acts on its maps' single channel axis, so it leaves
 them unnormalised (which changes nothing there: its attention loss has no gradient, below).
 
 Which class, across heads. A new task's image has no head among the old ones, so the class
@@ -36,37 +37,38 @@ Where this departs from FACIL (knowingly):
   trains as LwF). Here the new network's map keeps its graph: the hook keeps the feature map
   attached and the Grad-CAM gradient is taken with torch.autograd.grad(create_graph=True), so
   the loss reaches the conv weights through the feature map and, second order, through the
-  gradient weights alpha (the layers after the hooked conv and the old heads).
+  gradient weights alpha (the layers after the hooked map and the old heads).
 - FACIL indexes `logits[:, class_indices]`, a batch x batch matrix, so each image's map is
   weighted by the summed gradients of every image's class; here each image gets its own
   class (the intent of both the paper and FACIL).
 - FACIL's new-network map is for the new network's own argmax over all its heads, current
   one included; here it is for b_i, the old network's class, as the paper's loss compares
   the two networks' maps of one class.
-- FACIL hooks a whole residual stage (`layer3` of its ResNet-32, after the block's ReLU). The
-  TaskNetwork contract offers the conv layers (net.conv_layers(), in forward order), so the
-  hook is on the last of them: in backbone/resnet.py the last block's conv2, before its
-  BatchNorm, residual addition and ReLU.
+- FACIL hooks its ResNet-32's last stage (`layer3`); here the map is the output of the
+  last residual block (backbone/resnet.py: after its residual addition and ReLU), the same
+  place in the network: rectified, as Grad-CAM's and the paper's final conv maps are.
 - The knowledge distillation is LwF's, per old head (lwf.distillation_loss, --temperature,
   default 2); FACIL's is one cross-entropy over all old heads' logits concatenated, with
   probabilities raised to 1/2 (the same T = 2), the same gradient per logit within a head.
 - As this framework's LwF, every parameter trains, old heads included; FACIL without
   exemplars trains only the shared layers and the newest head. No exemplars, no warm-up.
 
-Both maps come from eval-mode passes, BatchNorm with running statistics, as in FACIL: in
-training mode the BatchNorm right after the hooked conv would couple the images (its batch
-statistics make each channel's gradient sum to zero over the batch, centring the weights
-alpha across images). The new network therefore runs twice per step: an eval-mode pass for
-its attention map (it leaves the running statistics alone), then the training-mode pass for
-the cross-entropy and the distillation. At the first step of a task the two networks are
-equal and so are their maps (zero loss). With --bn_running_stats 0, BatchNorm uses the
-batch's statistics even in eval mode, and each map then depends on the batch (not refused).
+The old network's map comes from an eval-mode pass of the frozen copy (running statistics,
+as in FACIL), like the targets LwF distils. The new network's map comes from the training
+pass itself, the one that gives the cross-entropy and the distillation: the attention loss
+compares the two networks as the distillation compares their logits. Nothing but pooling
+and the heads follows the last feature map, so each image's class score depends on its own
+map only, batch statistics or not. FACIL takes the new map in a separate eval-mode pass,
+which costs nothing there (no gradient) but here would train the network as seen through
+running statistics that lag the weights: with such a pass, the eval-mode network drifted
+away from the trained one and tasks tested at chance right after they were learned. At the
+first step of a task the two networks have equal weights, but not equal statistics (the
+batch's against the stored ones), so the attention loss starts near, not at, zero.
 
 Cost: on top of LwF's step (the frozen copy's forward), a backward of the frozen copy from
-its logits to the hooked layer, a second (eval-mode) forward of the new network, the Grad-CAM
-gradient through the layers after the hooked conv with its graph kept, and a backward that
-runs through both of the new network's graphs: a step costs clearly more than LwF's and
-sgd's (utils/benchmark.py measures it; not measured here).
+its logits to the last feature map, and the new network's Grad-CAM gradient (through the
+pooling and the old heads only) with its graph kept, which the step's backward runs through
+(utils/benchmark.py --model lwm measures it).
 
 The frozen copy exists only while a task is trained and is dropped at end_task (LwF's
 begin_task, train and end_task), so between tasks, where memory is reported and checkpoints
@@ -109,40 +111,48 @@ def attention_distillation_loss(new_maps: torch.Tensor, old_maps: torch.Tensor) 
     return (new - old).abs().sum(dim=1).mean()
 
 
-def grad_cam(net: TaskNetwork, layer: nn.Module, x: torch.Tensor, n_heads: int,
-             classes: torch.Tensor | None = None, create_graph: bool = False) -> GradCam:
-    """Grad-CAM maps at `layer`'s output for one class per image among heads 0..n_heads-1.
-
-    `classes` index the heads' concatenated logits; by default each image's highest. Runs in
-    the network's current mode. With `create_graph` the maps keep their graph (into the
-    network's weights, through the feature map and through the gradient); without it, on a
-    frozen network, the feature map is made a leaf that requires grad so its gradient exists.
-    """
+def forward_with_map(net: TaskNetwork, layer: nn.Module, x: torch.Tensor,
+                     n_heads: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`layer`'s output and the logits of heads 0..n_heads-1, from one pass in the network's
+    current mode. The output stays in the graph; on a frozen network it is made a leaf that
+    requires grad, so a class score's gradient with respect to it exists."""
     captured = []
 
     def hook(_module, _inputs, output):
-        if not output.requires_grad:  # frozen network: differentiate from the map itself
+        if not output.requires_grad:
             output.requires_grad_()
         captured.append(output)
 
     handle = layer.register_forward_hook(hook)
+    try:
+        logits = heads_logits(net, x, n_heads)
+    finally:
+        handle.remove()
+    (feature_map,) = captured
+    return feature_map, logits
+
+
+def class_attention(feature_map: torch.Tensor, logits: list[torch.Tensor], classes: torch.Tensor,
+                    create_graph: bool = False) -> torch.Tensor:
+    """Each image's Grad-CAM map of `feature_map` for its class, an index into the heads'
+    concatenated `logits`; with `create_graph` the maps keep their graph (into the weights
+    through the feature map and through the gradient)."""
+    scores = torch.cat(logits, dim=1)
+    # Each image's score depends on its own feature map only (the layers after the map do
+    # not mix images), so the gradient of the sum gives every image its own class's gradient.
+    chosen = scores.gather(1, classes[:, None]).sum()
+    (gradient,) = torch.autograd.grad(chosen, feature_map, create_graph=create_graph)
+    return attention_map(feature_map, gradient)
+
+
+def grad_cam(net: TaskNetwork, layer: nn.Module, x: torch.Tensor, n_heads: int) -> GradCam:
+    """Grad-CAM maps at `layer`'s output, each image for the class among heads 0..n_heads-1
+    the network scores highest, without graph (the frozen copy's side of the loss)."""
     with torch.enable_grad():  # also under an outer no_grad (the maps need a gradient)
-        try:
-            logits = heads_logits(net, x, n_heads)
-        finally:
-            handle.remove()
-        (feature_map,) = captured
-        scores = torch.cat(logits, dim=1)
-        if classes is None:
-            classes = scores.detach().argmax(dim=1)
-        # Each image's score depends on its own feature map only (eval-mode BatchNorm), so
-        # the gradient of the sum gives every image the gradient of its own class.
-        chosen = scores.gather(1, classes[:, None]).sum()
-        (gradient,) = torch.autograd.grad(chosen, feature_map, create_graph=create_graph)
-        maps = attention_map(feature_map, gradient)
-    if not create_graph:
-        maps, logits = maps.detach(), [z.detach() for z in logits]
-    return GradCam(maps, logits, classes)
+        feature_map, logits = forward_with_map(net, layer, x, n_heads)
+        classes = torch.cat(logits, dim=1).detach().argmax(dim=1)
+        maps = class_attention(feature_map, logits, classes)
+    return GradCam(maps.detach(), [z.detach() for z in logits], classes)
 
 
 class Lwm(Lwf):
@@ -163,40 +173,32 @@ class Lwm(Lwf):
                             help="weight of the distillation loss of the old heads")
         parser.add_argument("--gamma", type=non_negative_float, default=1.0,
                             help="weight of the attention-distillation loss (Grad-CAM maps "
-                                 "at the last conv layer)")
+                                 "of the last feature map)")
         parser.add_argument("--temperature", type=positive_float, default=2.0,
                             help="softmax temperature of the distillation")
 
     def __init__(self, net, dataset: SequentialDataset, args: argparse.Namespace) -> None:
         super().__init__(net, dataset, args)
-        self.gradcam_layer = list(self.conv_layers())[-1]  # its name, in both networks
+        self.gradcam_layer = self.net.last_feature_map()  # its name, in both networks
 
     def old_attention(self, x: torch.Tensor, task: int) -> GradCam:
         """The frozen copy's maps, old heads' logits and each image's class (no graph)."""
         return grad_cam(self.old_net, self.old_net.get_submodule(self.gradcam_layer), x, task)
 
-    def new_attention(self, x: torch.Tensor, task: int, classes: torch.Tensor) -> torch.Tensor:
-        """The live network's maps for `classes` among heads 0..task-1, in eval mode, with
-        their graph (the attention loss backpropagates into the network)."""
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            return grad_cam(self.net, self.net.get_submodule(self.gradcam_layer), x, task,
-                            classes, create_graph=True).maps
-        finally:
-            self.net.train(was_training)
-
-    def attention_loss(self, x: torch.Tensor, task: int) -> tuple[torch.Tensor, list]:
-        """The attention-distillation loss on `x` while `task` is learned, and the frozen
-        copy's logits of the old heads (the distillation targets, from the same pass)."""
+    def task_losses(self, x: torch.Tensor, y: torch.Tensor,
+                    task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """LwF's loss and the attention-distillation loss on a batch of task `task` > 0, from
+        one pass of the network in its current mode."""
         old = self.old_attention(x, task)
-        new_maps = self.new_attention(x, task, old.classes)
-        return attention_distillation_loss(new_maps, old.maps), old.logits
+        layer = self.net.get_submodule(self.gradcam_layer)
+        feature_map, logits = forward_with_map(self.net, layer, x, task + 1)
+        maps = class_attention(feature_map, logits[:task], old.classes, create_graph=True)
+        return (self.lwf_loss(logits, y, task, old.logits, self.args.beta),
+                attention_distillation_loss(maps, old.maps))
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
         if task == 0:
-            return self.optimizer_step(self.lwf_loss(x, y, task, [], self.args.beta))
-        # the maps before the training-mode pass, as FACIL (running statistics unmoved)
-        attention, targets = self.attention_loss(x, task)
-        loss = self.lwf_loss(x, y, task, targets, self.args.beta)
-        return self.optimizer_step(loss + self.args.gamma * attention)
+            logits = heads_logits(self.net, x, 1)
+            return self.optimizer_step(self.lwf_loss(logits, y, 0, [], self.args.beta))
+        distillation, attention = self.task_losses(x, y, task)
+        return self.optimizer_step(distillation + self.args.gamma * attention)

@@ -8,11 +8,12 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from backbone.contract import TaskNetwork
 from helpers import (assert_one_line_error, build_on_cpu, check_result, cpu_context,
                      network_bytes, run_synthetic, synthetic_argv)
-from models.lwm import attention_distillation_loss, grad_cam
+from models.lwm import attention_distillation_loss, class_attention, forward_with_map, grad_cam
 from utils.main import main
 from utils.sizes import network_bytes as module_bytes
 
@@ -62,19 +63,21 @@ def test_grad_cam_matches_a_hand_computation():
     torch.testing.assert_close(result.maps, expected)
     assert not result.maps.requires_grad and not net.conv._forward_hooks  # hook removed
     # Each image its own class (FACIL's logits[:, classes] would mix both images' classes).
-    swapped = grad_cam(net, net.conv, FEATURE_MAP, 2, classes=torch.tensor([3, 0]))
+    feature_map, logits = forward_with_map(net, net.conv, FEATURE_MAP, 2)
+    swapped = class_attention(feature_map, logits, torch.tensor([3, 0]))
     # image 0 for class 3: ReLU(A_0 + 2 A_1) = ReLU([[1, 0], [7, -2]]); image 1 for class 0:
     # ReLU(0.5 A_0 - A_1) = ReLU([[1.5, -1], [0, -1.5]])
-    torch.testing.assert_close(swapped.maps, torch.tensor([[[1., 0.], [7., 0.]],
+    torch.testing.assert_close(swapped, torch.tensor([[[1., 0.], [7., 0.]],
                                                            [[1.5, 0.], [0., 0.]]]))
     # A frozen network (the old copy) gives the same maps, from the feature map itself.
     frozen = copy.deepcopy(net).requires_grad_(False)
     with torch.no_grad():
         torch.testing.assert_close(grad_cam(frozen, frozen.conv, FEATURE_MAP, 2).maps, expected)
     # With the graph kept, the maps lead back to the weights (here: the heads' only).
-    kept = grad_cam(net, net.conv, FEATURE_MAP, 2, create_graph=True)
-    torch.testing.assert_close(kept.maps, expected)
-    (head0,) = torch.autograd.grad(kept.maps.sum(), net.heads[0].weight)
+    feature_map, logits = forward_with_map(net, net.conv, FEATURE_MAP, 2)
+    kept = class_attention(feature_map, logits, result.classes, create_graph=True)
+    torch.testing.assert_close(kept, expected)
+    (head0,) = torch.autograd.grad(kept.sum(), net.heads[0].weight)
     # d/dW of sum ReLU(sum_k mean(W_k) A_k) for image 0 (class 0 is head 0's row 0):
     # sum over the positive positions of A_k / 4, per channel k, spread over W_k's entries
     positive = expected[0] > 0
@@ -97,9 +100,25 @@ def test_attention_distillation_loss_matches_a_hand_computation():
     assert attention_distillation_loss(old, new).item() == pytest.approx(3.4 / 3, rel=1e-6)
 
 
+def _store_batch_statistics(net: nn.Module, x: torch.Tensor) -> None:
+    """Make every BatchNorm's running statistics those of the batch `x`, so that the network
+    in eval mode and in training mode on `x` differ only by the running variance's unbiased
+    estimate (a few steps of training leave the running statistics near their initial
+    values, far from any batch's)."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average: here, of this one batch
+    net.train()
+    with torch.no_grad():
+        net.features(x, 0)
+    for norm in norms:
+        norm.momentum = 0.1
+
+
 def _method_at_task_1(synthetic_args, *extra: str):
-    """An lwm method that has learned a little of task 0 and begun task 1, with a batch of
-    task 1's images."""
+    """An lwm method that has learned a little of task 0 and begun task 1 (the running
+    statistics those of the batch), with a batch of task 1's images."""
     dataset, method = build_on_cpu(synthetic_args, "lwm", "--lr", "0.05", *extra)
     first = dataset.train_data(0).subset(torch.arange(32))
     method.begin_task(0, first)
@@ -108,6 +127,7 @@ def _method_at_task_1(synthetic_args, *extra: str):
         method.observe(first.x.float() / 255, first.y, 0)
     method.end_task(0, first, cpu_context())
     second = dataset.train_data(1).subset(torch.arange(16))
+    _store_batch_statistics(method.net, second.x.float() / 255)
     method.begin_task(1, second)
     method.train()
     return method, second.x.float() / 255, second.y
@@ -119,21 +139,33 @@ def _perturb(net: nn.Module, scale: float) -> None:
             p.add_(scale * torch.randn_like(p))
 
 
-def test_attention_loss_is_zero_at_the_start_of_a_task_and_backpropagates(synthetic_args):
-    method, x, _ = _method_at_task_1(synthetic_args)
-    assert method.gradcam_layer == list(method.net.conv_layers())[-1]
-    loss, targets = method.attention_loss(x, 1)
-    assert loss.item() == pytest.approx(0.0, abs=1e-5)  # the copy is the network itself
-    assert len(targets) == 1 and not targets[0].requires_grad
-    assert method.net.training and not method.old_net.training  # modes restored
+def test_attention_loss_compares_the_map_the_features_pool_and_backpropagates(synthetic_args):
+    method, x, y = _method_at_task_1(synthetic_args)
+    # the map is the one the features pool: the last block's output, after its ReLU
+    maps = []
+    layer = method.net.get_submodule(method.gradcam_layer)
+    handle = layer.register_forward_hook(lambda _m, _i, output: maps.append(output))
+    method.net.eval()  # the frozen copy's mode: the two networks are then the same function
+    with torch.no_grad():
+        features = method.net.features(x, 0)
+    handle.remove()
+    assert (maps[0] >= 0).all()
+    torch.testing.assert_close(
+        F.adaptive_avg_pool2d(maps[0], method.net.pooled_side).flatten(1), features)
+    _, attention = method.task_losses(x, y, 1)
+    assert attention.item() == pytest.approx(0.0, abs=1e-5)  # the copy is the network itself
 
+    method.net.train()  # the training pass: the batch's statistics against the stored ones
+    _, attention = method.task_losses(x, y, 1)
+    assert attention.item() < 0.05  # here equal but for the unbiased running variance
     torch.manual_seed(1)
     _perturb(method.net, 0.05)
-    loss, _ = method.attention_loss(x, 1)
-    assert loss.item() > 1e-3
+    _, attention = method.task_losses(x, y, 1)
+    assert attention.item() > 1e-3
+    assert method.net.training and not method.old_net.training
     convs = {name: m.weight for name, m in method.net.conv_layers().items()}
     heads = [method.net.head(t).weight for t in (0, 1)]
-    grads = torch.autograd.grad(loss, [*convs.values(), *heads], allow_unused=True)
+    grads = torch.autograd.grad(attention, [*convs.values(), *heads], allow_unused=True)
     for name, grad in zip(convs, grads):  # every conv: through the map (and its weights)
         assert grad is not None and grad.abs().sum() > 0 and torch.isfinite(grad).all(), name
     # The old head reaches the loss only through the Grad-CAM weights (the gradient kept
@@ -153,7 +185,7 @@ def test_gamma_changes_the_step(synthetic_args):
     for m in (method, without):
         m.reset_optimizer()
         m.observe(x, y, 1)
-    conv = method.gradcam_layer + ".weight"
+    conv = method.gradcam_layer + ".conv2.weight"  # a conv of the block whose map is used
     assert not torch.allclose(method.net.state_dict()[conv], without.net.state_dict()[conv])
 
 
