@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from backbone.contract import TaskNetwork
 from helpers import (assert_one_line_error, build_on_cpu, check_result, cpu_context,
                      network_bytes, run_synthetic, synthetic_argv)
+from models.continual_model import exact_bn_statistics, tracked_norms
 from models.lwm import attention_distillation_loss, class_attention, forward_with_map, grad_cam
 from utils.main import main
 from utils.sizes import network_bytes as module_bytes
@@ -68,7 +69,7 @@ def test_grad_cam_matches_a_hand_computation():
     # image 0 for class 3: ReLU(A_0 + 2 A_1) = ReLU([[1, 0], [7, -2]]); image 1 for class 0:
     # ReLU(0.5 A_0 - A_1) = ReLU([[1.5, -1], [0, -1.5]])
     torch.testing.assert_close(swapped, torch.tensor([[[1., 0.], [7., 0.]],
-                                                           [[1.5, 0.], [0., 0.]]]))
+                                                      [[1.5, 0.], [0., 0.]]]))
     # A frozen network (the old copy) gives the same maps, from the feature map itself.
     frozen = copy.deepcopy(net).requires_grad_(False)
     with torch.no_grad():
@@ -100,22 +101,6 @@ def test_attention_distillation_loss_matches_a_hand_computation():
     assert attention_distillation_loss(old, new).item() == pytest.approx(3.4 / 3, rel=1e-6)
 
 
-def _store_batch_statistics(net: nn.Module, x: torch.Tensor) -> None:
-    """Make every BatchNorm's running statistics those of the batch `x`, so that the network
-    in eval mode and in training mode on `x` differ only by the running variance's unbiased
-    estimate (a few steps of training leave the running statistics near their initial
-    values, far from any batch's)."""
-    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average: here, of this one batch
-    net.train()
-    with torch.no_grad():
-        net.features(x, 0)
-    for norm in norms:
-        norm.momentum = 0.1
-
-
 def _method_at_task_1(synthetic_args, *extra: str):
     """An lwm method that has learned a little of task 0 and begun task 1 (the running
     statistics those of the batch), with a batch of task 1's images."""
@@ -127,7 +112,11 @@ def _method_at_task_1(synthetic_args, *extra: str):
         method.observe(first.x.float() / 255, first.y, 0)
     method.end_task(0, first, cpu_context())
     second = dataset.train_data(1).subset(torch.arange(16))
-    _store_batch_statistics(method.net, second.x.float() / 255)
+    # Running statistics those of this batch, so that the network in eval mode and in
+    # training mode on it differ only by the running variance's unbiased estimate (a few
+    # steps leave the running statistics near their initial values, far from any batch's).
+    exact_bn_statistics(tracked_norms(method.net), lambda x: method.net.features(x, 0),
+                        [(second.x.float() / 255,)])
     method.begin_task(1, second)
     method.train()
     return method, second.x.float() / 255, second.y
