@@ -41,9 +41,12 @@ Departures:
   The consistency loss compares the own head's logits only, each weighted as in the
   reference's mean over all classes (replay.single_head_mse), so --reg_weight carries over.
 - Inference uses the stable memory, as in the paper, which reports the stable model. The
-  reference evaluates all three networks after each task and logs them
-  separately; its main log is the working network's, the stable and plastic ones are in
-  the logs suffixed _stable_model / _plastic_model.
+  reference evaluates all three networks after each task and logs them separately (its
+  main log is the working network's, the others are suffixed _stable_model /
+  _plastic_model); here the run logs the working network and the plastic memory too and
+  reports their accuracy matrices under `other_predictors`. With fewer steps per task than
+  the stable memory's horizon (1 / (freq * (1 - alpha)): 10,000 steps on seq-cifar10) it
+  lags the task just learnt, and the working network shows by how much.
 - The memories' forward passes run without gradients (the reference builds and drops their
   graphs; same values).
 - With --compile only the working network is compiled; the memories run eager.
@@ -157,6 +160,11 @@ class Clser(ReplayModel):
     def predictor(self) -> TaskNetwork:
         """The stable memory predicts (forward, evaluation)."""
         return self.stable_model
+
+    def other_predictors(self) -> dict[str, TaskNetwork]:
+        """The working network and the plastic memory, evaluated beside the stable one as
+        the reference does."""
+        return {"working": self.net, "plastic": self.plastic_model}
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: int,
                 raw: torch.Tensor) -> torch.Tensor:

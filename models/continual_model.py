@@ -106,6 +106,15 @@ def batch_statistics(net: nn.Module) -> Iterator[None]:
             m.training, m.track_running_stats = training, tracking
 
 
+def stacked_task_logits(net: TaskNetwork, x: torch.Tensor, n_tasks: int) -> torch.Tensor:
+    """net's logits of tasks 0..n_tasks-1 side by side; one feature pass feeds every head
+    when its features are the same for all tasks."""
+    if net.features_depend_on_task():
+        return torch.cat([net(x, t) for t in range(n_tasks)], 1)
+    features = net.features(x, 0)
+    return torch.cat([net.task_logits(features, t) for t in range(n_tasks)], 1)
+
+
 class ContinualModel(nn.Module):
     NAME: ClassVar[str] = ""
     # Overrides of the common option defaults (e.g. the backbone width) for this method.
@@ -188,11 +197,16 @@ class ContinualModel(nn.Module):
         task-agnostic (Class-IL) inference the argmax over all. One feature pass feeds every
         head when the method predicts with a network's own forward (predictor) whose features
         are the same for all tasks; otherwise each task costs a forward pass."""
-        net = self.predictor()
-        if type(self).forward is ContinualModel.forward and not net.features_depend_on_task():
-            features = net.features(x, 0)
-            return torch.cat([net.task_logits(features, t) for t in range(n_tasks)], 1)
+        if type(self).forward is ContinualModel.forward:
+            return stacked_task_logits(self.predictor(), x, n_tasks)
         return torch.cat([self(x, t) for t in range(n_tasks)], 1)
+
+    def other_predictors(self) -> dict[str, TaskNetwork]:
+        """Networks of the method besides predictor() whose Task-IL accuracy the run also
+        reports after each task (`other_predictors` in the result), e.g. CLS-ER's working
+        network and plastic memory, which its reference evaluates beside the stable one that
+        predicts; none by default."""
+        return {}
 
     def conv_layers(self) -> dict[str, nn.Conv2d]:
         """The backbone's conv layers, for methods that cannot work without them."""

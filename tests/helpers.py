@@ -145,6 +145,12 @@ def check_result(result: dict, model: str) -> None:
     assert all(a <= t for rows in zip(agnostic["accuracy_matrix"], matrix)
                for a, t in zip(*rows))
     assert agnostic["accuracy_matrix"][0] == matrix[0]
+    # Only methods with networks besides the predicting one report them, all tasks each.
+    others = result.get("other_predictors", {})
+    assert bool(others) == (model == "clser")
+    for name, other in others.items():
+        assert [len(row) for row in other["accuracy_matrix"]] == list(range(1, N_TASKS + 1))
+        assert other["final_acc"] == pytest.approx(summarize(other["accuracy_matrix"])["final_acc"])
 
     times = result["phase_times"]
     assert len(times) == N_TASKS

@@ -113,6 +113,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, capsys, mo
     assert resumed["memory_per_task_mb"] == whole["memory_per_task_mb"]
     assert resumed["memory"] == whole["memory"]
     assert resumed["method"] == whole["method"]  # e.g. BMKP's basis log, across the restart
+    assert resumed.get("other_predictors") == whole.get("other_predictors")  # CLS-ER's
     assert len(resumed["phase_times"]) == N_TASKS
     assert sum(sum(t.values()) for t in resumed["phase_times"]) <= resumed["total_time_s"]
     assert torch.load(checkpoint, weights_only=True)["next_task"] == N_TASKS

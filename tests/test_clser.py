@@ -185,6 +185,29 @@ def test_the_stable_memory_predicts(synthetic_args):
     assert accuracy == [pytest.approx(100.0 * correct.float().mean().item())]
 
 
+def test_other_networks_are_scored_each_by_itself(synthetic_args):
+    """After a short task the working network has learnt more than the slow stable memory:
+    evaluate(network=...) scores each network of other_predictors() as by hand."""
+    dataset, model = _clser(synthetic_args, "--n_epochs", "2", "--stable_model_alpha", "0.999",
+                            "--stable_model_update_freq", "0.2")
+    data = dataset.train_data(0)
+    model.begin_task(0, data)
+    model.fit_task(0, data, cpu_context())
+    model.eval()
+    test = dataset.test_data(0)
+    networks = {"stable": model.stable_model, **model.other_predictors()}
+    assert set(networks) == {"stable", "working", "plastic"}
+    by_hand = {}
+    for name, network in networks.items():
+        with torch.no_grad():
+            right = network(to_model_input(test.x, True), 0).argmax(1) == test.y
+        by_hand[name] = 100.0 * right.float().mean().item()
+        assert evaluate(model, dataset, 0, cpu_context(), network).task_il == \
+            [pytest.approx(by_hand[name])], name
+    assert evaluate(model, dataset, 0, cpu_context()).task_il == [pytest.approx(by_hand["stable"])]
+    assert by_hand["working"] > by_hand["stable"] + 10
+
+
 def test_memories_are_counted_and_checkpointed(synthetic_args):
     dataset, model = _clser(synthetic_args)
     model.store(dataset.train_data(0).x[:20], dataset.train_data(0).y[:20], 0)
@@ -232,3 +255,5 @@ def test_run_writes_a_valid_result(tmp_path, capsys):
     assert steps == 5 * math.ceil(200 / 32)
     assert result["method"]["updates"]["plastic"] == steps  # default frequency 1
     assert 0 < result["method"]["updates"]["stable"] <= steps
+    others = result["other_predictors"]
+    assert set(others) == {"working", "plastic"}

@@ -57,7 +57,7 @@ def save_checkpoint(path: Path, args: argparse.Namespace, model: ContinualModel,
              "matrix": progress.matrix, "agnostic_matrix": progress.agnostic_matrix,
              "memory_mb": progress.memory_mb,
              "elapsed_s": progress.elapsed_s, "single_class": progress.single_class,
-             "unlearned": progress.unlearned,
+             "unlearned": progress.unlearned, "other_matrices": progress.other_matrices,
              "phase_times": ctx.phase_times,
              "started_at": started_at, "model": model.checkpoint_state(), "rng": _rng_state()}
     write_atomic(path, lambda f: torch.save(state, f), binary=True)
@@ -83,8 +83,8 @@ def load_checkpoint(path: Path, args: argparse.Namespace, model: ContinualModel,
     ctx.phase_times = state["phase_times"]
     _set_rng_state(state["rng"])
     # Checkpoints written before the single-class and unlearned-task checks carry no
-    # findings for their tasks.
+    # findings for their tasks, nor, before other_predictors, those networks' rows.
     progress = Progress(state["matrix"], state["agnostic_matrix"], state["memory_mb"],
                         state["elapsed_s"], state.get("single_class", []),
-                        state.get("unlearned", []))
+                        state.get("unlearned", []), state.get("other_matrices", {}))
     return progress, state["started_at"]

@@ -5,12 +5,15 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
 
 from datasets.continual_dataset import SequentialDataset, iterate_batches
-from models.continual_model import ContinualModel, batch_statistics, tracked_norms
+from backbone.contract import TaskNetwork
+from models.continual_model import (ContinualModel, batch_statistics, stacked_task_logits,
+                                    tracked_norms)
 from utils.context import TrainingContext
 from utils.metrics import summarize
 from utils.sizes import BYTES_PER_MB
@@ -28,7 +31,8 @@ class Accuracies:
     single_class: list[int] = field(default_factory=list)
 
 
-def _score_task(model: ContinualModel, dataset: SequentialDataset, task: int, n_seen: int,
+def _score_task(logits_of: Callable[[torch.Tensor, int], torch.Tensor],
+                dataset: SequentialDataset, task: int, n_seen: int,
                 ctx: TrainingContext) -> tuple[int, int, int, int]:
     """(right with the task id, right without it, images, classes predicted with the task
     id) on `task`'s test set; one host synchronisation, at the end."""
@@ -41,7 +45,7 @@ def _score_task(model: ContinualModel, dataset: SequentialDataset, task: int, n_
                                    max_batches=ctx.max_batches,
                                    channels_last=ctx.channels_last):
         with ctx.autocast():
-            logits = model.all_task_logits(x, n_seen)
+            logits = logits_of(x, n_seen)
         own_prediction = logits[:, task * k:(task + 1) * k].argmax(1)
         anywhere = logits.argmax(1) == task * k + y
         correct += torch.stack([(own_prediction == y).sum(), anywhere.sum()])
@@ -64,11 +68,14 @@ def _inference(model: ContinualModel) -> Iterator[None]:
 
 
 def evaluate(model: ContinualModel, dataset: SequentialDataset, last_task: int,
-             ctx: TrainingContext) -> Accuracies:
-    """Accuracy on tasks 0..last_task, each sample scored by every seen task's head once."""
+             ctx: TrainingContext, network: TaskNetwork | None = None) -> Accuracies:
+    """Accuracy on tasks 0..last_task, each sample scored by every seen task's head once;
+    by `network` (one of model.other_predictors()) instead of the model when given."""
     n_seen = last_task + 1
+    logits_of = (model.all_task_logits if network is None
+                 else partial(stacked_task_logits, network))
     with _inference(model):
-        scores = [_score_task(model, dataset, task, n_seen, ctx) for task in range(n_seen)]
+        scores = [_score_task(logits_of, dataset, task, n_seen, ctx) for task in range(n_seen)]
     single_class = [task for task, (*_, classes) in enumerate(scores)
                     if classes == 1 < dataset.N_CLASSES_PER_TASK]
     return Accuracies([100.0 * own / seen for own, _, seen, _ in scores],
@@ -99,7 +106,8 @@ def diagnose_with_batch_statistics(model: ContinualModel, dataset: SequentialDat
     batch_accuracy = None
     if tracked_norms(model):
         with _inference(model), batch_statistics(model):
-            own, _, seen, _ = _score_task(model, dataset, task, last_task + 1, ctx)
+            own, _, seen, _ = _score_task(model.all_task_logits, dataset, task, last_task + 1,
+                                          ctx)
         batch_accuracy = 100.0 * own / seen
     return {"after_task": last_task, "task": task, "task_il": accuracy,
             "task_il_with_batch_statistics": batch_accuracy}
@@ -159,9 +167,10 @@ def _cause(event: dict) -> str:
 
 @dataclass
 class Progress:
-    """The tasks done so far: their rows of the Task-IL and task-agnostic accuracy matrices,
-    the method's memory after each and the wall time spent; empty for a fresh run, restored
-    from a checkpoint on resume."""
+    """The tasks done so far: their rows of the Task-IL and task-agnostic accuracy matrices
+    (and the Task-IL rows of the method's other predictors, by name), the method's memory
+    after each and the wall time spent; empty for a fresh run, restored from a checkpoint on
+    resume."""
 
     matrix: list[list[float]] = field(default_factory=list)
     agnostic_matrix: list[list[float]] = field(default_factory=list)
@@ -169,6 +178,7 @@ class Progress:
     elapsed_s: float = 0.0
     single_class: list[dict] = field(default_factory=list)
     unlearned: list[dict] = field(default_factory=list)
+    other_matrices: dict[str, list[list[float]]] = field(default_factory=dict)
 
     @property
     def next_task(self) -> int:
@@ -185,6 +195,15 @@ class BudgetReached(Exception):
     def __init__(self, tasks_done: int) -> None:
         super().__init__(f"stopped after {tasks_done} tasks")
         self.tasks_done = tasks_done
+
+
+def other_predictors_result(progress: Progress) -> dict:
+    """`other_predictors` for the result: each other network's metrics (summarize), where it
+    was evaluated after every task; a run resumed from a checkpoint written before these
+    evaluations existed lacks its first rows and reports none."""
+    complete = {name: summarize(rows) for name, rows in progress.other_matrices.items()
+                if len(rows) == len(progress.matrix)}
+    return {"other_predictors": complete} if complete else {}
 
 
 def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingContext,
@@ -211,6 +230,8 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
         with ctx.phase("eval"):
             accuracies, events = evaluate_and_diagnose(model, dataset, task, ctx)
             unlearned = diagnose_unlearned(model, dataset, task, accuracies, ctx)
+            others = {name: evaluate(model, dataset, task, ctx, network).task_il
+                      for name, network in model.other_predictors().items()}
         row, agnostic = accuracies.task_il, accuracies.task_agnostic
         progress.matrix.append(row)
         progress.agnostic_matrix.append(agnostic)
@@ -220,6 +241,10 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
         log(f"{ctx.task_label}: avg acc {sum(row) / len(row):6.2f}  "
             f"per task [{', '.join(f'{a:.1f}' for a in row)}]  "
             f"task-agnostic {sum(agnostic) / len(agnostic):6.2f}  {times}")
+        for name, other in others.items():
+            progress.other_matrices.setdefault(name, []).append(other)
+            log(f"{ctx.task_label}: {name} network: avg acc {sum(other) / len(other):6.2f}  "
+                f"per task [{', '.join(f'{a:.1f}' for a in other)}]")
         for event in events:
             log(single_class_warning(event, dataset.N_TASKS))
         progress.single_class.extend(events)
@@ -238,4 +263,5 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
             "memory_per_task_mb": progress.memory_mb,
             "single_class_predictions": progress.single_class,
             "unlearned_tasks": progress.unlearned,
+            **other_predictors_result(progress),
             "phase_times": ctx.phase_times, "total_time_s": time.perf_counter() - start}
