@@ -17,10 +17,11 @@ _run_ids = itertools.count()
 
 
 def write_run(folder, model, dataset, seed, last_row, memory_mb=1.0, per_task_memory=True,
-              agnostic_row=None, single_class=None, unlearned=None, **config):
+              agnostic_row=None, single_class=None, unlearned=None, others=None, **config):
     """A run JSON as utils/main.py writes it (only the fields the report reads), 2 tasks;
     without `agnostic_row`, as runs made before task-agnostic accuracy was measured; without
-    `single_class` or `unlearned`, as runs made before those findings were looked for."""
+    `single_class` or `unlearned`, as runs made before those findings were looked for;
+    `others`: the last rows of networks that do not predict (other_predictors), by name."""
     matrix = [[last_row[0] + 1.0], last_row]
     run = {"model": model, "dataset": dataset, "seed": seed, **summarize(matrix),
            "memory": {"total_mb": memory_mb},
@@ -35,6 +36,9 @@ def write_run(folder, model, dataset, seed, last_row, memory_mb=1.0, per_task_me
         run["single_class_predictions"] = single_class
     if unlearned is not None:
         run["unlearned_tasks"] = unlearned
+    if others is not None:
+        run["other_predictors"] = {name: summarize([[row[0]], row])
+                                   for name, row in others.items()}
     path = folder / dataset / model / f"run{next(_run_ids)}-seed{seed}.json"
     write_json_atomic(run, path)
     return path
@@ -143,6 +147,25 @@ def test_a_task_near_chance_right_after_learning_is_flagged(tmp_path, capsys):
         "warning: dgr on seq-cifar10: seed 2's task 2 scored 59.5 right after it was learned, "
         "near chance"]
     assert "- [unlearned]: a run scored a task near chance right after learning it" in md
+
+
+def test_networks_that_do_not_predict_are_noted_beside_table1(tmp_path, capsys):
+    """CLS-ER's stable memory gives the ACC; its working network's and plastic memory's final
+    ACC are noted, over the runs that scored them (seed 2 predates other_predictors)."""
+    folder = tmp_path / "result"
+    write_run(folder, "clser", "seq-cifar10", 0, [70.0, 80.0],
+              others={"working": [85.0, 90.0], "plastic": [80.0, 86.0]})
+    write_run(folder, "clser", "seq-cifar10", 1, [72.0, 82.0],
+              others={"working": [87.0, 92.0], "plastic": [82.0, 88.0]})
+    write_run(folder, "clser", "seq-cifar10", 2, [74.0, 84.0])
+    write_run(folder, "sgd", "seq-cifar10", 0, [60.0, 90.0])
+    run_report(tmp_path, capsys, folder)
+    md = (tmp_path / "out" / "table1.md").read_text()
+    assert table_rows(md)["clser"][0].startswith("77.00 +- 2.00 (3 seeds)")  # 75, 77, 79
+    notes = [line for line in md.splitlines() if "other networks" in line]
+    assert notes == ["- clser on seq-cifar10: ACC is of the network that predicts (77.00 +- "
+                     "2.00); its other networks score working 88.50 +- 1.41, plastic 84.00 +- "
+                     "1.41 (2 of 3 run(s); other_predictors in the result)."]
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datasets import dataset_classes  # noqa: E402
 from models import model_classes  # noqa: E402
-from utils.aggregate import aggregate_runs, differing_keys, protocol  # noqa: E402
+from utils.aggregate import aggregate_runs, differing_keys, mean_std, protocol  # noqa: E402
 from utils.args import OneLineErrorParser  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.figures import (accuracy_heatmap, accuracy_memory, method_styles,  # noqa: E402
@@ -328,6 +328,25 @@ def flag_unlearned(groups: list[Group]) -> list[str]:
     return warnings
 
 
+def other_predictor_notes(groups: list[Group]) -> list[str]:
+    """For groups whose runs also scored networks that do not predict (other_predictors,
+    e.g. CLS-ER's working network beside its stable memory), their final ACC beside the
+    table's, over the runs that have them."""
+    notes = []
+    for g in groups:
+        scored = [r["other_predictors"] for r in g.runs if "other_predictors" in r]
+        if not scored:
+            continue
+        finals = {name: mean_std([s[name]["final_acc"] for s in scored]) for name in scored[0]}
+        others = ", ".join(f"{name} {mean_spread(acc, len(scored))}"
+                           for name, acc in finals.items())
+        notes.append(f"{g.label} on {g.dataset}: ACC is of the network that predicts "
+                     f"({mean_spread(g.stats['final_acc'], len(g.runs))}); its other "
+                     f"networks score {others} ({len(scored)} of {len(g.runs)} run(s); "
+                     "other_predictors in the result).")
+    return notes
+
+
 # ---- tables ---------------------------------------------------------------------------------
 def _ref_text(ref: dict) -> str:
     return f"{ref['mean']:.2f}" + ("" if ref.get("std") is None else f" +- {ref['std']:.2f}")
@@ -447,12 +466,15 @@ def build_tables(groups: list[Group], reference: dict, warnings: list[str]) -> l
     most = max(len(set(g.seeds)) for g in groups)
 
     def table(name: str, title: str, header: str, rows: list[Row],
-              columns: list[tuple[str, Cell]] = COLUMNS, notes: list[str] = ()) -> Table:
+              columns: list[tuple[str, Cell]] = COLUMNS, notes: list[str] = (),
+              remarks: list[str] = ()) -> Table:
         return Table(name, title, header, columns, reference[name], rows,
-                     legend(rows, most, columns) + [f"warning: {w}" for w in notes])
+                     legend(rows, most, columns) + list(remarks)
+                     + [f"warning: {w}" for w in notes])
 
     tables = [table("table1", "Table 1: Task-IL accuracy after the last task", "method",
-                    make_rows(groups, method_variant), TABLE1_COLUMNS, notes=warnings)]
+                    make_rows(groups, method_variant), TABLE1_COLUMNS, notes=warnings,
+                    remarks=other_predictor_notes(groups))]
     for name, model_cls in model_classes().items():
         for spec in model_cls.PAPER_TABLES:
             variant = method_table_variant(name, spec)
