@@ -19,7 +19,8 @@ from models.clser import Clser, consistency_loss, ema_decay, semantic_targets
 from utils.args import parse_args
 from utils.buffer import ReplaySample
 from utils.main import main
-from utils.training import evaluate
+from utils.results import text_log_path
+from utils.training import evaluate, learned_bound, single_class_warning, unlearned_warning
 
 SMALL = ("--nf", "4", "--buffer_size", "40")
 N_CLASSES = SequentialSynthetic.N_TASKS * SequentialSynthetic.N_CLASSES_PER_TASK
@@ -257,3 +258,27 @@ def test_run_writes_a_valid_result(tmp_path, capsys):
     assert 0 < result["method"]["updates"]["stable"] <= steps
     others = result["other_predictors"]
     assert set(others) == {"working", "plastic"}
+
+
+@pytest.mark.slow
+def test_a_lagging_stable_memory_is_reported_with_the_working_networks_score(tmp_path, capsys):
+    """A stable memory too slow for the task's steps predicts near chance where the working
+    network has learnt: each finding and its warning carry what the other networks score
+    on the task, as recorded in other_predictors."""
+    result, path = run_synthetic(tmp_path, capsys, "--n_epochs", "1", "--buffer_size", "50",
+                                 "--stable_model_alpha", "0.999",
+                                 "--stable_model_update_freq", "0.1", model="clser")
+    unlearned, single_class = result["unlearned_tasks"], result["single_class_predictions"]
+    assert unlearned and single_class
+    others = result["other_predictors"]
+    log = text_log_path(path).read_text()
+    for event in unlearned + single_class:
+        assert event["other_predictors"] == {
+            name: other["accuracy_matrix"][event["after_task"]][event["task"]]
+            for name, other in others.items()}
+    for event in unlearned:
+        assert unlearned_warning(event, SequentialSynthetic.N_TASKS, 2) in log
+    for event in single_class:
+        assert single_class_warning(event, SequentialSynthetic.N_TASKS) in log
+    bound = learned_bound(SequentialSynthetic.N_CLASSES_PER_TASK)
+    assert any(e["other_predictors"]["working"] >= bound for e in unlearned + single_class)

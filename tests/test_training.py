@@ -191,6 +191,13 @@ def test_unlearned_warning_names_the_task_and_chance():
                            "than 10 points above chance (50.0); ")
     assert "scores 94.0, so the running statistics, not the weights, put it there" in line
     assert "chance (10.0)" in unlearned_warning(event, 10, 10)
+    # A method that scored other networks (CLS-ER: the stable memory predicts and lags the
+    # working network) names their scores on the task.
+    lagging = {**event, "task_il_with_batch_statistics": 52.9,
+               "other_predictors": {"working": 80.2, "plastic": 78.8}}
+    assert unlearned_warning(lagging, 5, 2).endswith(
+        "scores 52.9, so its weights do not hold the task (docs/experiments.md, 'A task that "
+        "predicts one class'); its working network scores 80.2; its plastic network scores 78.8")
 
 
 def test_only_a_task_just_learned_near_chance_and_not_single_class_is_unlearned(
@@ -238,7 +245,7 @@ def test_a_task_not_learned_is_reported(tmp_path, capsys, monkeypatch):
     assert event["task_il_with_batch_statistics"] < CHANCE + RUNNING_STATISTICS_MARGIN
     log = text_log_path(path).read_text()
     assert unlearned_warning(event, N_TASKS, 2) in log
-    assert "so its weights lost the task" in log
+    assert "so its weights do not hold the task" in log
 
 
 def test_a_network_without_running_statistics_blames_the_weights(synthetic_args):

@@ -139,7 +139,7 @@ def single_class_warning(event: dict, n_tasks: int) -> str:
     """The log line of a single-class finding, tasks numbered from 1 as in the log."""
     line = (f"warning: after task {event['after_task'] + 1}/{n_tasks}, task {event['task'] + 1} "
             f"predicts one class for all its test images (Task-IL {event['task_il']:.1f}); ")
-    return line + _cause(event)
+    return line + _cause(event) + _elsewhere(event)
 
 
 def unlearned_warning(event: dict, n_tasks: int, classes_per_task: int) -> str:
@@ -147,19 +147,26 @@ def unlearned_warning(event: dict, n_tasks: int, classes_per_task: int) -> str:
     line = (f"warning: task {event['task'] + 1}/{n_tasks} scores {event['task_il']:.1f} right "
             f"after it was learned, less than {LEARNED_MARGIN:.0f} points above chance "
             f"({100.0 / classes_per_task:.1f}); ")
-    return line + _cause(event)
+    return line + _cause(event) + _elsewhere(event)
+
+
+def _elsewhere(event: dict) -> str:
+    """What the method's other networks score on the finding's task, where it scored any."""
+    return "".join(f"; its {name} network scores {score:.1f}"
+                   for name, score in event.get("other_predictors", {}).items())
 
 
 def _cause(event: dict) -> str:
-    """What a finding's score on batch statistics says lost the task."""
+    """What a finding's score on batch statistics says lost the task (or, for the task just
+    learned, kept it from scoring)."""
     batch = event["task_il_with_batch_statistics"]
+    weights = ("its weights lost the task" if event["after_task"] > event["task"]
+               else "its weights do not hold the task")
     if batch is None:
-        cause = ("the network normalises with batch statistics already, so its weights lost "
-                 "the task")
+        cause = "the network normalises with batch statistics already, so " + weights
     else:
         verdict = ("the running statistics, not the weights, put it there"
-                   if batch >= event["task_il"] + RUNNING_STATISTICS_MARGIN
-                   else "its weights lost the task")
+                   if batch >= event["task_il"] + RUNNING_STATISTICS_MARGIN else weights)
         cause = (f"with its test batches' own BatchNorm statistics it scores {batch:.1f}, so "
                  + verdict)
     return cause + " (docs/experiments.md, 'A task that predicts one class')"
@@ -245,6 +252,12 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
             progress.other_matrices.setdefault(name, []).append(other)
             log(f"{ctx.task_label}: {name} network: avg acc {sum(other) / len(other):6.2f}  "
                 f"per task [{', '.join(f'{a:.1f}' for a in other)}]")
+        # What the other networks score on each finding's task (CLS-ER: the working network,
+        # where the stable memory that predicts lags it).
+        for event in events + ([] if unlearned is None else [unlearned]):
+            if others:
+                event["other_predictors"] = {name: other[event["task"]]
+                                             for name, other in others.items()}
         for event in events:
             log(single_class_warning(event, dataset.N_TASKS))
         progress.single_class.extend(events)
