@@ -204,6 +204,12 @@ class BudgetReached(Exception):
         self.tasks_done = tasks_done
 
 
+def _accuracy_text(row: list[float]) -> str:
+    """A row of the accuracy matrix as the log shows it: its mean, then each task's."""
+    return (f"avg acc {sum(row) / len(row):6.2f}  "
+            f"per task [{', '.join(f'{a:.1f}' for a in row)}]")
+
+
 def other_predictors_result(progress: Progress) -> dict:
     """`other_predictors` for the result: each other network's metrics (summarize), where it
     was evaluated after every task; a run resumed from a checkpoint written before these
@@ -245,17 +251,14 @@ def run_tasks(model: ContinualModel, dataset: SequentialDataset, ctx: TrainingCo
         progress.memory_mb.append(sum(model.memory_breakdown().values()) / BYTES_PER_MB)
         progress.elapsed_s = time.perf_counter() - start
         times = " ".join(f"{k} {v:.1f}s" for k, v in ctx.phase_times[-1].items())
-        log(f"{ctx.task_label}: avg acc {sum(row) / len(row):6.2f}  "
-            f"per task [{', '.join(f'{a:.1f}' for a in row)}]  "
+        log(f"{ctx.task_label}: {_accuracy_text(row)}  "
             f"task-agnostic {sum(agnostic) / len(agnostic):6.2f}  {times}")
         for name, other in others.items():
             progress.other_matrices.setdefault(name, []).append(other)
-            log(f"{ctx.task_label}: {name} network: avg acc {sum(other) / len(other):6.2f}  "
-                f"per task [{', '.join(f'{a:.1f}' for a in other)}]")
-        # What the other networks score on each finding's task (CLS-ER: the working network,
-        # where the stable memory that predicts lags it).
-        for event in events + ([] if unlearned is None else [unlearned]):
-            if others:
+            log(f"{ctx.task_label}: {name} network: {_accuracy_text(other)}")
+        if others:  # what they score on each finding's task (CLS-ER: the working network,
+            # where the stable memory that predicts lags it)
+            for event in events + ([] if unlearned is None else [unlearned]):
                 event["other_predictors"] = {name: other[event["task"]]
                                              for name, other in others.items()}
         for event in events:
