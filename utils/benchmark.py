@@ -99,18 +99,15 @@ def timed(device: torch.device, fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(args: argparse.Namespace, steps: int, real: bool, task_images: int) -> dict:
-    device = resolve_device(args.device)
-    set_threads(args.num_threads)
-    seed_everything(args.seed)
+def _two_tasks(args: argparse.Namespace, steps: int, real: bool, device: torch.device):
+    """The dataset (random images unless `real`), the method on it, and the first two tasks'
+    training sets cut to the images the benchmark steps through."""
     dataset_cls = dataset_classes()[args.dataset]
     n_train = args.batch_size * (steps + 2)
     dataset = dataset_cls(args) if real else RandomData(dataset_cls, n_train, 4 * args.batch_size)
     model_cls = model_classes()[args.model]
     model_cls.configure(args, dataset_cls)
     model = model_cls(prepare_backbone(args, device, dataset), dataset, args).to(device)
-    ctx = TrainingContext.from_args(args, device)
-    ctx.phase_times.append({})
     first, second = (dataset.train_data(t).to(device) for t in (0, 1))
     first = first.subset(torch.arange(min(len(first), n_train), device=device))
     second = second.subset(torch.arange(min(len(second), n_train), device=device))
@@ -121,34 +118,40 @@ def measure(args: argparse.Namespace, steps: int, real: bool, task_images: int) 
         raise UserError(f"--steps {steps} at --batch_size {args.batch_size} needs "
                         f"{steps * args.batch_size} images of one task, but {args.dataset}'s "
                         f"task 2 has {len(second)}: use {fix}")
-    report: dict = {}
+    return dataset, model, first, second
 
-    # Task 0 end to end with one epoch of each training phase, so task 1 runs with whatever
-    # state the method keeps (BMKP: bases, hence its regularizer); the method's own phases
-    # (projection, Fisher, ...) are read from the context's timers.
-    epochs_per_task = args.n_epochs + (getattr(args, "retrain_epochs", None) or 0)
-    args.n_epochs = 1
+
+def _set_epochs(args: argparse.Namespace, n: int) -> None:
+    """n epochs in every training phase (BMKP's retraining too, where it has one)."""
+    args.n_epochs = n
     if getattr(args, "retrain_epochs", None):
-        args.retrain_epochs = 1
+        args.retrain_epochs = n
+
+
+def _end_of_task_work(model: ContinualModel, first: TaskData, ctx: TrainingContext,
+                      device: torch.device) -> dict[str, float]:
+    """Seconds of each phase the method times at the end of task 0, learnt end to end with
+    one epoch per training phase, so that task 1 runs with whatever state the method keeps
+    (BMKP: bases, hence its regularizer); `end_task_other` is end_task's time outside those
+    phases (LwF's copy of the network, ...)."""
+    ctx.phase_times.append({})
     model.begin_task(0, first)
     model.fit_task(0, first, ctx)
     named_before = sum(ctx.phase_times[0].values())
     end_task_s = timed(device, lambda: model.end_task(0, first, ctx))
     named_inside = sum(ctx.phase_times[0].values()) - named_before
-    report["end_of_task_s"] = {name: seconds for name, seconds in ctx.phase_times[0].items()
-                               if name not in TRAINING_PHASES}
-    # end_task's time outside the phases the method names (LwF's copy of the network, ...)
-    report["end_of_task_s"]["end_task_other"] = max(0.0, end_task_s - named_inside)
+    work = {name: seconds for name, seconds in ctx.phase_times[0].items()
+            if name not in TRAINING_PHASES}
+    work["end_task_other"] = max(0.0, end_task_s - named_inside)
+    return work
 
-    ctx.task = 1
-    ctx.phase_times.append({})
-    model.begin_task(1, second)
-    model.train()
 
-    # The bound, before task 1 is fitted (BMKP still learns it in its working memory then):
-    # plain cross-entropy steps through the forward the task learns with, the method's own
-    # where it has one (BMKP, FAS and WSN compose or mask weights), else its network's
-    # (CLS-ER predicts through a stable copy that gradients never train).
+def _bound(model: ContinualModel, second: TaskData, steps: int, ctx: TrainingContext,
+           device: torch.device, counting: bool) -> tuple[float, int | None]:
+    """Seconds per step and operators per step (None unless `counting`) of plain
+    cross-entropy steps on one preloaded batch, through the forward the task learns with: the
+    method's own where it has one (BMKP, FAS and WSN compose or mask weights), else its
+    network's (CLS-ER predicts through a stable copy that gradients never train)."""
     learner = model if type(model).forward is not ContinualModel.forward else model.net
     x0, y0, _ = next(iter(ctx.batches(second, "bound")))
     bare_opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
@@ -162,19 +165,22 @@ def measure(args: argparse.Namespace, steps: int, real: bool, task_images: int) 
             bare_opt.step()
 
     bare(2)
-    bare_s = timed(device, lambda: bare(steps)) / steps
-    # Operators per step (OperatorCount); a compiled network runs its own kernels instead.
-    counting = not args.compile
-    if counting:
-        with OperatorCount() as bare_ops:
-            bare(1)
+    seconds = timed(device, lambda: bare(steps)) / steps
+    if not counting:
+        return seconds, None
+    with OperatorCount() as bare_ops:
+        bare(1)
+    return seconds, bare_ops.count
 
-    # Task 1: the method's own fit_task (its training step as the loop runs it: replay,
-    # old-network passes, ...) for two epochs of `steps` batches in each training phase, the
-    # first a warm-up; the second epoch of each phase is timed from the epoch record the loop
-    # emits. Each phase's first, untimed epoch is also the one whose operators are counted
-    # (batching and augmentation included): counting starts with the task and again when a
-    # timed epoch ends, and stops when the next first epoch does.
+
+def _method_steps(model: ContinualModel, second: TaskData, steps: int, ctx: TrainingContext,
+                  args: argparse.Namespace, counting: bool
+                  ) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds per batch and operators per batch of each training phase of the method's own
+    fit_task on task 1 (replay, old-network passes, ...): two epochs of `steps` batches per
+    phase, the first a warm-up whose operators are counted (batching and augmentation
+    included), the second timed from the epoch record the loop emits. Counting starts with
+    the task and again when a timed epoch ends, and stops when the next first epoch does."""
     epochs: list[dict] = []
     operators: dict[str, float] = {}
     counters: list[OperatorCount] = []
@@ -195,15 +201,43 @@ def measure(args: argparse.Namespace, steps: int, real: bool, task_images: int) 
             count_operators()
 
     ctx.listeners.append(on_epoch)
-    args.n_epochs = 2
-    if getattr(args, "retrain_epochs", None):
-        args.retrain_epochs = 2
+    _set_epochs(args, 2)
     with stack:
         count_operators()
-        model.fit_task(1, second.subset(torch.arange(steps * args.batch_size, device=device)),
-                       ctx)
+        model.fit_task(1, second.subset(torch.arange(steps * args.batch_size,
+                                                     device=second.x.device)), ctx)
     seconds = {e["phase"]: e["seconds"] / steps for e in epochs
                if e["task"] == 1 and e["phase"] in TRAINING_PHASES and e["epoch"] == 2}
+    return seconds, operators
+
+
+def _evaluation_images_per_s(model: ContinualModel, dataset, ctx: TrainingContext,
+                             device: torch.device) -> float:
+    ctx.debug = True  # a few batches first, so that --compile compiles outside the timing
+    evaluate(model, dataset, 0, ctx)
+    ctx.debug = False
+    return len(dataset.test_data(0)) / timed(device, lambda: evaluate(model, dataset, 0, ctx))
+
+
+def measure(args: argparse.Namespace, steps: int, real: bool, task_images: int) -> dict:
+    device = resolve_device(args.device)
+    set_threads(args.num_threads)
+    seed_everything(args.seed)
+    dataset, model, first, second = _two_tasks(args, steps, real, device)
+    ctx = TrainingContext.from_args(args, device)
+    epochs_per_task = args.n_epochs + (getattr(args, "retrain_epochs", None) or 0)
+    _set_epochs(args, 1)
+    report: dict = {"end_of_task_s": _end_of_task_work(model, first, ctx, device)}
+
+    ctx.task = 1
+    ctx.phase_times.append({})
+    model.begin_task(1, second)
+    model.train()
+    # Operators per step (OperatorCount); a compiled network runs its own kernels instead.
+    counting = not args.compile
+    # The bound before task 1 is fitted (BMKP still learns it in its working memory then).
+    bare_s, bound_operators = _bound(model, second, steps, ctx, device, counting)
+    seconds, operators = _method_steps(model, second, steps, ctx, args, counting)
     real_s = seconds["train"]
     report.update(train_images_per_s=args.batch_size / real_s,
                   bound_images_per_s=args.batch_size / bare_s,
@@ -214,14 +248,9 @@ def measure(args: argparse.Namespace, steps: int, real: bool, task_images: int) 
     if counting:
         report.update({f"{phase}_operators_per_batch": operators[phase]
                        for phase in TRAINING_PHASES if phase in operators})
-        report["bound_operators_per_batch"] = bare_ops.count
+        report["bound_operators_per_batch"] = bound_operators
 
-    ctx.debug = True  # a few batches first, so that --compile compiles outside the timing
-    evaluate(model, dataset, 0, ctx)
-    ctx.debug = False
-    n_eval = len(dataset.test_data(0))
-    eval_s = timed(device, lambda: evaluate(model, dataset, 0, ctx))
-    report["eval_images_per_s"] = n_eval / eval_s
+    report["eval_images_per_s"] = _evaluation_images_per_s(model, dataset, ctx, device)
     images = len(dataset.train_data(0)) if real else task_images
     end_s = sum(report["end_of_task_s"].values())
     task_s = epochs_per_task * -(-images // args.batch_size) * real_s + end_s
