@@ -149,6 +149,19 @@ def test_a_task_near_chance_right_after_learning_is_flagged(tmp_path, capsys):
     assert "- [unlearned]: a run scored a task near chance right after learning it" in md
 
 
+def test_a_task_near_chance_names_what_the_other_networks_score_on_it(tmp_path, capsys):
+    """A run that also scored networks that do not predict (CLS-ER) gives each one's score
+    on the task right after it was learned, read from its own accuracy matrix, so runs whose
+    findings predate the field in the finding are covered."""
+    folder = tmp_path / "result"
+    write_run(folder, "clser", "seq-cifar10", 0, [90.0, 52.0],
+              others={"working": [91.0, 85.0], "plastic": [90.0, 80.5]})
+    _, err = run_report(tmp_path, capsys, folder)
+    assert err.splitlines() == [
+        "warning: clser on seq-cifar10: seed 0's task 2 scored 52.0 right after it was learned, "
+        "near chance; its working network scores 85.0; its plastic network scores 80.5"]
+
+
 def test_networks_that_do_not_predict_are_noted_beside_table1(tmp_path, capsys):
     """CLS-ER's stable memory gives the ACC; its working network's and plastic memory's final
     ACC are noted, over the runs that scored them (seed 2 predates other_predictors)."""

@@ -38,7 +38,7 @@ from utils.figures import (accuracy_heatmap, accuracy_memory, method_styles,  # 
                            task_curves)
 from utils.results import write_atomic  # noqa: E402
 from utils.tables import PaperTable  # noqa: E402
-from utils.training import learned_bound  # noqa: E402
+from utils.training import learned_bound, other_networks_text  # noqa: E402
 from utils.validators import output_folder, switch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -304,7 +304,9 @@ def flag_unlearned(groups: list[Group]) -> list[str]:
     """Flag groups with a run that scored a task under utils/training.py's learned_bound right
     after learning it: read from the accuracy matrix's diagonal, so runs made before runs
     looked for it (utils/training.py, diagnose_unlearned) are checked too; with the score on
-    batch statistics where the run recorded one (an unlearned or single-class finding)."""
+    batch statistics where the run recorded one (an unlearned or single-class finding), and
+    the method's other networks' scores on the task where the run has them (other_predictors:
+    CLS-ER's working network learns a task its stable memory has not caught up with)."""
     classes = {name: cls.N_CLASSES_PER_TASK for name, cls in dataset_classes().items()}
     warnings = []
     for g in groups:
@@ -322,9 +324,12 @@ def flag_unlearned(groups: list[Group]) -> list[str]:
                 if UNLEARNED not in g.flags:
                     g.flags.append(UNLEARNED)
                 on_batch = _on_batch_statistics(batch_scores.get(task))
+                others = other_networks_text(
+                    {name: other["accuracy_matrix"][task][task]
+                     for name, other in run.get("other_predictors", {}).items()})
                 warnings.append(f"{g.label} on {g.dataset}: seed {run['seed']}'s task "
                                 f"{task + 1} scored {matrix[task][task]:.1f} right after it "
-                                f"was learned, near chance{on_batch}")
+                                f"was learned, near chance{on_batch}{others}")
     return warnings
 
 

@@ -139,7 +139,7 @@ def single_class_warning(event: dict, n_tasks: int) -> str:
     """The log line of a single-class finding, tasks numbered from 1 as in the log."""
     line = (f"warning: after task {event['after_task'] + 1}/{n_tasks}, task {event['task'] + 1} "
             f"predicts one class for all its test images (Task-IL {event['task_il']:.1f}); ")
-    return line + _cause(event) + _elsewhere(event)
+    return line + _cause(event) + other_networks_text(event.get("other_predictors", {}))
 
 
 def unlearned_warning(event: dict, n_tasks: int, classes_per_task: int) -> str:
@@ -147,13 +147,13 @@ def unlearned_warning(event: dict, n_tasks: int, classes_per_task: int) -> str:
     line = (f"warning: task {event['task'] + 1}/{n_tasks} scores {event['task_il']:.1f} right "
             f"after it was learned, less than {LEARNED_MARGIN:.0f} points above chance "
             f"({100.0 / classes_per_task:.1f}); ")
-    return line + _cause(event) + _elsewhere(event)
+    return line + _cause(event) + other_networks_text(event.get("other_predictors", {}))
 
 
-def _elsewhere(event: dict) -> str:
-    """What the method's other networks score on the finding's task, where it scored any."""
-    return "".join(f"; its {name} network scores {score:.1f}"
-                   for name, score in event.get("other_predictors", {}).items())
+def other_networks_text(scores: dict[str, float]) -> str:
+    """A warning's note of what the method's other networks score on the finding's task
+    (name -> accuracy; empty where it scored none)."""
+    return "".join(f"; its {name} network scores {score:.1f}" for name, score in scores.items())
 
 
 def _cause(event: dict) -> str:
