@@ -37,7 +37,7 @@ def write_run(folder, model, dataset, seed, last_row, memory_mb=1.0, per_task_me
     if unlearned is not None:
         run["unlearned_tasks"] = unlearned
     if others is not None:
-        run["other_predictors"] = {name: summarize([[row[0]], row])
+        run["other_predictors"] = {name: summarize([[row[0] + 1.0], row])
                                    for name, row in others.items()}
     path = folder / dataset / model / f"run{next(_run_ids)}-seed{seed}.json"
     write_json_atomic(run, path)
@@ -160,6 +160,22 @@ def test_a_task_near_chance_names_what_the_other_networks_score_on_it(tmp_path, 
     assert err.splitlines() == [
         "warning: clser on seq-cifar10: seed 0's task 2 scored 52.0 right after it was learned, "
         "near chance; its working network scores 85.0; its plastic network scores 80.5"]
+
+
+def test_a_task_predicting_one_class_names_what_the_other_networks_score_in_the_end(
+        tmp_path, capsys):
+    """The final evaluation's finding gives the other networks' final scores on the task
+    (their last row), the diagonal's finding their scores right after it was learned."""
+    folder = tmp_path / "result"
+    final = {"after_task": 1, "task": 0, "task_il": 50.0, "task_il_with_batch_statistics": None}
+    write_run(folder, "clser", "seq-cifar10", 0, [50.0, 80.0], single_class=[final],
+              others={"working": [88.0, 90.0]})
+    _, err = run_report(tmp_path, capsys, folder)
+    assert err.splitlines() == [
+        "warning: clser on seq-cifar10: seed 0's task 1 predicts one class in the final "
+        "evaluation (50.0; its working network scores 88.0)",
+        "warning: clser on seq-cifar10: seed 0's task 1 scored 51.0 right after it was learned, "
+        "near chance; its working network scores 89.0"]
 
 
 def test_networks_that_do_not_predict_are_noted_beside_table1(tmp_path, capsys):

@@ -289,10 +289,18 @@ def flag_single_class(groups: list[Group]) -> list[str]:
                 if ONE_CLASS not in g.flags:
                     g.flags.append(ONE_CLASS)
                 on_batch = _on_batch_statistics(event["task_il_with_batch_statistics"])
+                others = _other_networks_on(run, last, event["task"])
                 warnings.append(f"{g.label} on {g.dataset}: seed {run['seed']}'s task "
                                 f"{event['task'] + 1} predicts one class in the final "
-                                f"evaluation ({event['task_il']:.1f}{on_batch})")
+                                f"evaluation ({event['task_il']:.1f}{on_batch}{others})")
     return warnings
+
+
+def _other_networks_on(run: dict, after_task: int, task: int) -> str:
+    """A warning's note of the run's other networks' scores on `task` after `after_task`
+    (other_predictors; empty for a method with one network)."""
+    return other_networks_text({name: other["accuracy_matrix"][after_task][task]
+                                for name, other in run.get("other_predictors", {}).items()})
 
 
 def _on_batch_statistics(score: float | None) -> str:
@@ -324,9 +332,7 @@ def flag_unlearned(groups: list[Group]) -> list[str]:
                 if UNLEARNED not in g.flags:
                     g.flags.append(UNLEARNED)
                 on_batch = _on_batch_statistics(batch_scores.get(task))
-                others = other_networks_text(
-                    {name: other["accuracy_matrix"][task][task]
-                     for name, other in run.get("other_predictors", {}).items()})
+                others = _other_networks_on(run, task, task)
                 warnings.append(f"{g.label} on {g.dataset}: seed {run['seed']}'s task "
                                 f"{task + 1} scored {matrix[task][task]:.1f} right after it "
                                 f"was learned, near chance{on_batch}{others}")
