@@ -64,21 +64,23 @@ def save_checkpoint(path: Path, args: argparse.Namespace, model: ContinualModel,
 
 
 def load_checkpoint(path: Path, args: argparse.Namespace, model: ContinualModel,
-                    ctx: TrainingContext) -> tuple[Progress, str]:
+                    ctx: TrainingContext, reader: str = "--resume",
+                    fix: str = "drop --resume to start again") -> tuple[Progress, str]:
     """Restore model, phase times and RNGs from `path`; returns the progress and the time the
-    interrupted run started."""
+    interrupted run started. A checkpoint that is missing or does not fit `args` is an error
+    naming `reader` (who reads it) and ending in `fix`."""
     if not path.is_file():
-        raise UserError(f"--resume: no checkpoint {path}; run without --resume to start")
+        raise UserError(f"{reader}: no checkpoint {path}; {fix}")
     state = torch.load(path, map_location=ctx.device, weights_only=True)
     # protocol() fills in the options added since the checkpoint was written, at the value
     # that reproduces what ran before them, so an older checkpoint still resumes.
     differing = differing_keys([protocol(state["protocol"]), _protocol(args)])
     if differing:
-        raise UserError(f"--resume: {path} was made with other options ({', '.join(differing)}); "
-                        "use the same options or drop --resume to start again")
+        raise UserError(f"{reader}: {path} was made with other options "
+                        f"({', '.join(differing)}); use the same options or {fix}")
     if "agnostic_matrix" not in state:
-        raise UserError(f"--resume: {path} was written before task-agnostic accuracy was "
-                        "measured and cannot continue a run; drop --resume to start again")
+        raise UserError(f"{reader}: {path} was written before task-agnostic accuracy was "
+                        f"measured; {fix}")
     model.load_checkpoint_state(state["model"])
     ctx.phase_times = state["phase_times"]
     _set_rng_state(state["rng"])

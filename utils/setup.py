@@ -90,7 +90,7 @@ def set_deterministic(on: bool) -> None:
 def build(args: argparse.Namespace,
           device: torch.device) -> tuple[SequentialDataset, ContinualModel]:
     """The dataset and the method around a fresh backbone on `device`, as the options say;
-    utils/evaluate.py rebuilds a saved model exactly the same way."""
+    models/bmkp/evaluate.py rebuilds a saved model exactly the same way."""
     dataset = dataset_classes()[args.dataset](args)
     model_cls = model_classes()[args.model]
     model_cls.configure(args, type(dataset))

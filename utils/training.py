@@ -83,6 +83,15 @@ def evaluate(model: ContinualModel, dataset: SequentialDataset, last_task: int,
                       single_class)
 
 
+def task_il_accuracy(model: ContinualModel, dataset: SequentialDataset, task: int, n_seen: int,
+                     ctx: TrainingContext) -> float:
+    """One task's Task-IL accuracy (%), with n_seen tasks learned: evaluate's score of it
+    without scoring the others."""
+    with _inference(model):
+        own, _, seen, _ = _score_task(model.all_task_logits, dataset, task, n_seen, ctx)
+    return 100.0 * own / seen
+
+
 # Points above the collapsed accuracy that batch statistics must recover before the warning
 # blames the running statistics rather than the weights.
 RUNNING_STATISTICS_MARGIN = 10.0
