@@ -18,13 +18,14 @@ import copy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datasets.continual_dataset import SequentialDataset, TaskData, iterate_batches  # noqa: E402
+from datasets.continual_dataset import SequentialDataset, TaskData  # noqa: E402
 from models.continual_model import (ContinualModel, exact_bn_statistics,  # noqa: E402
                                     tracked_norms)
 from utils.args import parse_args  # noqa: E402
@@ -76,15 +77,19 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
     return 100.0 * (predicted == test_y).float().mean().item()
 
 
+def _in_order(data: TaskData, desc: str, ctx: TrainingContext) -> Iterator[tuple]:
+    """Evaluation batches of `data` on the run's device: in order, un-augmented."""
+    return ctx.batches(data.to(ctx.device), desc, batch_size=ctx.eval_batch_size,
+                       shuffle=False, augment=False)
+
+
 def _features(model: ContinualModel, data: TaskData, task: int,
               ctx: TrainingContext) -> tuple[torch.Tensor, torch.Tensor]:
     """The predicting network's features of `data` for `task` and the labels, on the CPU."""
     net = model.predictor()
     features, labels = [], []
     with torch.no_grad():  # not inference mode: the probe's autograd reads these features
-        for x, y, _ in iterate_batches(data.to(ctx.device), ctx.eval_batch_size, shuffle=False,
-                                       augment=False, max_batches=ctx.max_batches,
-                                       channels_last=ctx.channels_last):
+        for x, y, _ in _in_order(data, "features", ctx):
             features.append(net.features(x, task).flatten(1).float().cpu())
             labels.append(y.cpu())
     return torch.cat(features), torch.cat(labels)
@@ -99,10 +104,8 @@ def _re_estimated(model: ContinualModel, dataset: SequentialDataset, last_task: 
         return None
     net, scores = scratch.predictor(), []
     for task in range(last_task + 1):
-        batches = iterate_batches(dataset.train_data(task).to(ctx.device), ctx.eval_batch_size,
-                                  shuffle=False, augment=False, max_batches=ctx.max_batches,
-                                  channels_last=ctx.channels_last)
-        exact_bn_statistics(norms, lambda x: net(x, task), batches)
+        exact_bn_statistics(norms, lambda x: net(x, task),
+                            _in_order(dataset.train_data(task), "BN statistics", ctx))
         scores.append(task_il_accuracy(scratch, dataset, task, last_task + 1, ctx))
     return scores
 
