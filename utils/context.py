@@ -107,6 +107,12 @@ class TrainingContext:
         return iter(tqdm(stream, total=total, desc=f"{self.task_label} {desc}".strip(),
                          leave=False, disable=not self.show_progress, file=sys.stderr))
 
+    def eval_batches(self, data: TaskData, desc: str) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Evaluation batches of `data` on the run's device: in order, un-augmented, every
+        image once (the remainder batch included)."""
+        return self.batches(data.to(self.device), desc, batch_size=self.eval_batch_size,
+                            shuffle=False, augment=False)
+
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -18,7 +18,6 @@ import copy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -77,19 +76,13 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
     return 100.0 * (predicted == test_y).float().mean().item()
 
 
-def _in_order(data: TaskData, desc: str, ctx: TrainingContext) -> Iterator[tuple]:
-    """Evaluation batches of `data` on the run's device: in order, un-augmented."""
-    return ctx.batches(data.to(ctx.device), desc, batch_size=ctx.eval_batch_size,
-                       shuffle=False, augment=False)
-
-
 def _features(model: ContinualModel, data: TaskData, task: int,
               ctx: TrainingContext) -> tuple[torch.Tensor, torch.Tensor]:
     """The predicting network's features of `data` for `task` and the labels, on the CPU."""
     net = model.predictor()
     features, labels = [], []
     with torch.no_grad():  # not inference mode: the probe's autograd reads these features
-        for x, y, _ in _in_order(data, "features", ctx):
+        for x, y, _ in ctx.eval_batches(data, "features"):
             features.append(net.features(x, task).flatten(1).float().cpu())
             labels.append(y.cpu())
     return torch.cat(features), torch.cat(labels)
@@ -105,7 +98,7 @@ def _re_estimated(model: ContinualModel, dataset: SequentialDataset, last_task: 
     net, scores = scratch.predictor(), []
     for task in range(last_task + 1):
         exact_bn_statistics(norms, lambda x: net(x, task),
-                            _in_order(dataset.train_data(task), "BN statistics", ctx))
+                            ctx.eval_batches(dataset.train_data(task), "BN statistics"))
         scores.append(task_il_accuracy(scratch, dataset, task, last_task + 1, ctx))
     return scores
 

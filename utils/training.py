@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from datasets.continual_dataset import SequentialDataset, iterate_batches
+from datasets.continual_dataset import SequentialDataset
 from backbone.contract import TaskNetwork
 from models.continual_model import (ContinualModel, batch_statistics, stacked_task_logits,
                                     tracked_norms)
@@ -37,13 +37,10 @@ def _score_task(logits_of: Callable[[torch.Tensor, int], torch.Tensor],
     """(right with the task id, right without it, images, classes predicted with the task
     id) on `task`'s test set; one host synchronisation, at the end."""
     k = dataset.N_CLASSES_PER_TASK
-    data = dataset.test_data(task).to(ctx.device)
     correct = torch.zeros(2, dtype=torch.long, device=ctx.device)
     predicted = torch.zeros(k, dtype=torch.long, device=ctx.device)
     seen = 0
-    for x, y, _ in iterate_batches(data, ctx.eval_batch_size, shuffle=False, augment=False,
-                                   max_batches=ctx.max_batches,
-                                   channels_last=ctx.channels_last):
+    for x, y, _ in ctx.eval_batches(dataset.test_data(task), "test"):
         with ctx.autocast():
             logits = logits_of(x, n_seen)
         own_prediction = logits[:, task * k:(task + 1) * k].argmax(1)
