@@ -10,6 +10,11 @@ losses, the forward and one update, are compared tightly. Options that change no
 from __future__ import annotations
 
 import argparse
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +23,10 @@ from datasets.continual_dataset import SequentialDataset, to_model_input
 from models.continual_model import ContinualModel
 from utils.context import TrainingContext
 from utils.main import run
-from utils.setup import build, seed_everything, thread_counts
+from utils.setup import amp_warning, build, seed_everything, thread_counts
 from utils.training import evaluate, run_tasks
 
+REPO = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
 LAYOUTS = {1: torch.channels_last, 0: torch.contiguous_format}
 
@@ -93,3 +99,17 @@ def test_same_seed_and_options_give_identical_results(synthetic_args):
     first, _ = run(synthetic_args("--seed", "3"), log=lambda *a: None)
     again, _ = run(synthetic_args("--seed", "3"), log=lambda *a: None)
     assert first["accuracy_matrix"] == again["accuracy_matrix"]
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="oneDNN's ISA limit that stands in for an older CPU is x86's")
+def test_amp_is_warned_about_where_the_cpu_emulates_bfloat16():
+    """oneDNN held to AVX2 has no hardware bfloat16 on any x86 CPU: what an older CPU sees."""
+    probe = ("import torch; from utils.setup import amp_warning; "
+             "print(amp_warning(True, torch.device('cpu')))")
+    older_cpu = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    shown = subprocess.run([sys.executable, "-c", probe], env=older_cpu, cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout
+    assert "without hardware bfloat16" in shown and "drop --amp" in shown
+    assert amp_warning(False, CPU) is None
+    assert amp_warning(True, torch.device("cuda")) is None

@@ -32,7 +32,8 @@ from utils.args import parse_args  # noqa: E402
 from utils.context import TrainingContext  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.results import environment, result_path, write_json_atomic  # noqa: E402
-from utils.setup import prepare_backbone, resolve_device, seed_everything, set_threads  # noqa: E402
+from utils.setup import (amp_warning, prepare_backbone, resolve_device,  # noqa: E402
+                         seed_everything, set_threads)
 from utils.training import evaluate  # noqa: E402
 from utils.validators import output_file, positive_int  # noqa: E402
 
@@ -222,6 +223,9 @@ def _evaluation_images_per_s(model: ContinualModel, dataset, ctx: TrainingContex
 def measure(args: argparse.Namespace, steps: int, real: bool, task_images: int) -> dict:
     device = resolve_device(args.device)
     set_threads(args.num_threads)
+    warning = amp_warning(bool(args.amp), device)
+    if warning is not None:
+        print(warning, file=sys.stderr)
     seed_everything(args.seed)
     dataset, model, first, second = _two_tasks(args, steps, real, device)
     ctx = TrainingContext.from_args(args, device)

@@ -23,8 +23,8 @@ from utils.errors import UserError  # noqa: E402
 from utils.results import (aggregate_path, describe_code, environment, epoch_log_path,  # noqa: E402
                            result_path, run_log, text_log_path, write_json_atomic)
 from utils.context import TrainingContext  # noqa: E402
-from utils.setup import (build, resolve_device, seed_everything, set_deterministic,  # noqa: E402
-                         set_threads)
+from utils.setup import (amp_warning, build, resolve_device, seed_everything,  # noqa: E402
+                         set_deterministic, set_threads)
 from utils.sizes import BYTES_PER_MB  # noqa: E402
 from utils.tensorboard_events import TensorBoardEvents, tensorboard_dir  # noqa: E402
 from utils.training import BUDGET_EXIT, BudgetReached, run_tasks  # noqa: E402
@@ -61,6 +61,9 @@ def run(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
 
         logger.info("options: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
         logger.info(f"code: {describe_code(machine['code'])}")
+        warning = amp_warning(ctx.amp, device)
+        if warning is not None:
+            log_both(warning)
         if checkpoint is not None:
             if progress is not None:
                 log_both(f"resuming from {checkpoint} at task {progress.next_task + 1}")

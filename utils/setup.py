@@ -15,6 +15,7 @@ from datasets.continual_dataset import SequentialDataset
 from models import model_classes
 from models.continual_model import ContinualModel
 from utils.errors import UserError
+from utils.results import native_cpu_bfloat16
 
 # torch's own intra-op thread count, read before any run changes it.
 TORCH_DEFAULT_THREADS = torch.get_num_threads()
@@ -39,6 +40,14 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
                         f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def amp_warning(amp: bool, device: torch.device) -> str | None:
+    """The line to show when --amp 1 would slow a run down instead of speeding it up."""
+    if amp and device.type == "cpu" and not native_cpu_bfloat16():
+        return ("warning: --amp 1 on a CPU without hardware bfloat16 (AVX512-BF16 or AMX): "
+                "it is emulated, several times slower than float32; drop --amp")
+    return None
 
 
 def thread_counts(requested: int | None, usable_cores: int,
