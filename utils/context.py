@@ -109,7 +109,7 @@ class TrainingContext:
 
     def eval_batches(self, data: TaskData, desc: str) -> Iterator[tuple[torch.Tensor, ...]]:
         """Evaluation batches of `data` on the run's device: in order, un-augmented, every
-        image once (the remainder batch included)."""
+        image once (the remainder batch included) unless --debug_mode caps the batches."""
         return self.batches(data.to(self.device), desc, batch_size=self.eval_batch_size,
                             shuffle=False, augment=False)
 
