@@ -9,8 +9,8 @@ Training step on a batch (x, y) of task t:
   and each (class, rotation) pair is a class of its own, so the batch grows fourfold and
   image i of class c rotated k quarter turns has label 4c + k;
 - L = CE(z_t(x) / T, 4c + k)                                 the task's 4C-way loss
-      + kd_weight      * || f(x) - f_old(x) ||_2            (t > 0)
-      + proto_aug_weight * CE(z_j(p) / T, 4c)               (t > 0)
+      + kd_weight      * || f(x) - f_old(x) ||_2            (t > 0, kd_weight > 0)
+      + proto_aug_weight * CE(z_j(p) / T, 4c)               (t > 0, proto_aug_weight > 0)
   where f are the features of the rotated batch, f_old those of the network as it was before
   task t (a frozen copy), and p = mu_c + r * e, e ~ N(0, I), are --batch_size augmented
   prototypes of old classes c drawn uniformly among all old classes, each classified by
@@ -61,6 +61,14 @@ Departures:
   inputs (CIFAR-100's mean and std, after the crop): here CIFAR inputs stay in [0, 1], as
   for every method, unless --normalize_inputs 1 (each dataset's own training statistics).
 - Convolutions keep PyTorch's default initialisation (the reference: He normal, fan-out).
+- The features (distilled, averaged into prototypes, their radius) are what the backbone's
+  heads read: with --feature_pool global (--model_config best) one value per channel, as the
+  reference's 512; with --feature_pool grid (the reduced ResNet-18) the last map pooled to
+  2x2, four times as many values, over which the distillation's norm and the prototypes'
+  noise are taken.
+- A zero-weighted loss (--proto_aug_weight 0, --kd_weight 0) is left out of the step, not
+  multiplied by 0 (the reference has no such option): a zero gradient on the old heads would
+  still move them under Adam's weight decay, so 0 means "this term off".
 - Every epoch splits into equal batches (63-64 images on CIFAR); the reference's CIFAR
   loader ends each epoch with a remainder batch, its Tiny-ImageNet loader drops it.
 - The reference calls scheduler.step() before each epoch, so its lr drops one epoch earlier
@@ -249,11 +257,14 @@ class Pass(ContinualModel):
         features = self.net.features(x, task)
         logits = self.rotation_logits(features, task)
         loss = F.cross_entropy(logits.float() / self.args.temperature, y)
-        if task > 0:
+        if task > 0 and self.args.kd_weight > 0:
             with torch.no_grad():
                 old_features = self.old_net.features(x, task)
-            loss = (loss + self.args.kd_weight * feature_distillation(features, old_features)
-                    + self.args.proto_aug_weight * self.proto_aug_loss(task))
+            loss = loss + self.args.kd_weight * feature_distillation(features, old_features)
+        if task > 0 and self.args.proto_aug_weight > 0:
+            # Off, the term stays out of the graph: a zero gradient on the old heads would
+            # still be an Adam step (weight decay, rescaled to about lr) that erases them.
+            loss = loss + self.args.proto_aug_weight * self.proto_aug_loss(task)
         return loss
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: int) -> torch.Tensor:

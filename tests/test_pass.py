@@ -171,6 +171,26 @@ def test_proto_aug_loss_scores_old_prototypes_with_their_own_heads(synthetic_arg
         assert (method.rotation_heads[t].weight.grad is not None) == used, t
 
 
+def test_proto_aug_weight_0_leaves_the_old_heads_untouched(synthetic_args):
+    """With protoAug off nothing trains task 0's heads in task 1; Adam's weight decay on a
+    zero gradient would still move them by about lr per step, so they must stay out of
+    the step."""
+    method, dataset = _method(synthetic_args, "--proto_aug_weight", "0", "--optim_wd", "2e-4")
+    _learn(method, dataset, 0)
+    old_heads = [copy.deepcopy(h.state_dict())
+                 for h in (method.net.head(0), method.rotation_heads[0])]
+    data = dataset.train_data(1)
+    method.begin_task(1, data)
+    method.train()
+    before = copy.deepcopy(method.net.head(1).state_dict())
+    for start in range(0, 48, 16):
+        method.observe(data.x[start:start + 16].float() / 255, data.y[start:start + 16], 1)
+    for head, state in zip((method.net.head(0), method.rotation_heads[0]), old_heads):
+        for name, value in head.state_dict().items():
+            assert torch.equal(value, state[name]), name
+    assert not torch.equal(method.net.head(1).weight, before["weight"])  # the step ran
+
+
 def _at_task_1(synthetic_args, *extra: str):
     method, dataset = _method(synthetic_args, *extra)
     _learn(method, dataset, 0)
